@@ -1,0 +1,262 @@
+"""caption_model.data: every source layout, bad-record counting, splits, cleaning, collate. Offline, tiny."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict, Features, Image, Value
+from PIL import Image as PILImage
+
+from caption_model import data
+from caption_model.data import (CaptionCollator, clean_caption, karpathy_split, karpathy_split_sizes,
+                                load_caption_dataset, load_shapes_dataset)
+
+N_IMAGES = 16  # Karpathy-style split of 16 images: 12/2/2
+CORRUPT = "img_03.jpg"  # truncated JPEG
+EMPTY_CAPTION_IMAGE = "img_05.jpg"  # its third caption is blank
+
+
+def jpeg_bytes(index: int) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (24, 16), (index * 15 % 256, 100, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def image_names(n: int = N_IMAGES) -> list[str]:
+    return [f"img_{i:02d}.jpg" for i in range(n)]
+
+
+def captions_for(name: str) -> list[str]:
+    caps = [f"A dog, number {name[4:6]}, runs {k}." for k in range(5)]
+    if name == EMPTY_CAPTION_IMAGE:
+        caps[2] = "  "
+    return caps
+
+
+def write_images(folder, names) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        payload = jpeg_bytes(i)
+        (folder / name).write_bytes(payload[: len(payload) // 2] if name == CORRUPT else payload)
+
+
+def assert_bad_records_counted(dd: DatasetDict, report) -> None:
+    assert report.unreadable_images == 1 and report.unreadable_ids == [CORRUPT]
+    assert report.empty_captions == 1
+    ids = {i for split in dd.values() for i in split["image_id"]}
+    assert CORRUPT not in ids and len(ids) == N_IMAGES - 1
+    row = next(r for split in dd.values() for r in split if r["image_id"] == EMPTY_CAPTION_IMAGE)
+    assert len(row["captions"]) == 4 and all(row["captions"])
+    assert isinstance(row["image"], PILImage.Image) and row["image"].size == (24, 16)
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+
+
+def test_kaggle_layout_with_commas_and_bad_records(tmp_path, caplog):
+    write_images(tmp_path / "Images", image_names())
+    with open(tmp_path / "captions.txt", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for name in image_names():
+            for cap in captions_for(name):
+                writer.writerow([name, cap])
+    with caplog.at_level(logging.WARNING, logger="caption_model.data"):
+        dd, report = load_caption_dataset(tmp_path, return_report=True)
+    assert_bad_records_counted(dd, report)
+    assert "skipped 1 unreadable images, 1 empty captions" in caplog.text
+    # Karpathy split is computed before dropping the corrupt image: 12/2/2 minus one.
+    assert sum(len(s) for s in dd.values()) == N_IMAGES - 1
+    assert sorted(len(s) for s in dd.values())[-1] in (11, 12)
+    row = dd["train"][0]
+    assert set(row) == {"image", "captions", "image_id"}
+    assert row["captions"][0].startswith("a dog number ")  # commas inside the CSV field survived, then cleaned
+
+
+def write_original_layout(root, image_dir="Flicker8k_Dataset", with_split_files=True):
+    names = image_names()
+    write_images(root / image_dir, names)
+    text = root / "Flickr8k_text"
+    text.mkdir()
+    lines = [f"{n}#{k}\t{c}" for n in names for k, c in enumerate(captions_for(n))]
+    (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    if with_split_files:
+        for fname, members in (("Flickr_8k.trainImages.txt", names[:10]), ("Flickr_8k.devImages.txt", names[10:13]),
+                               ("Flickr_8k.testImages.txt", names[13:])):
+            (text / fname).write_text("\n".join(members) + "\n")
+
+
+def test_original_layout_uses_split_files(tmp_path):
+    write_original_layout(tmp_path)
+    dd, report = load_caption_dataset(tmp_path, return_report=True)
+    assert_bad_records_counted(dd, report)
+    assert (len(dd["train"]), len(dd["validation"]), len(dd["test"])) == (9, 3, 3)  # corrupt img_03 was in train
+    assert dd["validation"]["image_id"] == ["img_10.jpg", "img_11.jpg", "img_12.jpg"]
+
+
+def test_original_layout_without_split_files_is_karpathy_split(tmp_path):
+    write_original_layout(tmp_path, image_dir="Images", with_split_files=False)
+    dd, report = load_caption_dataset(tmp_path, seed=3, return_report=True)
+    assert_bad_records_counted(dd, report)
+    expected = karpathy_split(image_names(), seed=3)
+    for split in data.SPLITS:
+        assert dd[split]["image_id"] == sorted(set(expected[split]) - {CORRUPT})
+
+
+def jxie_schema_dataset(names, split) -> Dataset:
+    """The jxie/flickr8k schema: image (bytes), caption_0..caption_4."""
+    rows = {"image": [], **{f"caption_{k}": [] for k in range(5)}}
+    for i, name in enumerate(names):
+        payload = b"not a jpeg at all" if name == CORRUPT else jpeg_bytes(i)
+        rows["image"].append({"bytes": payload, "path": name})
+        for k, cap in enumerate(captions_for(name)):
+            rows[f"caption_{k}"].append(cap)
+    features = Features(image=Image(), **{f"caption_{k}": Value("string") for k in range(5)})
+    return Dataset.from_dict(rows, features=features, split=split)
+
+
+def test_local_parquet_copy_of_jxie_schema(tmp_path):
+    names = image_names()
+    (tmp_path / "data").mkdir()
+    for split, members in (("train", names[:10]), ("validation", names[10:13]), ("test", names[13:])):
+        jxie_schema_dataset(members, split).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    dd, report = load_caption_dataset(tmp_path / "data", cache_dir=str(tmp_path / "cache"), return_report=True)
+    assert_bad_records_counted(dd, report)
+    assert (len(dd["train"]), len(dd["validation"]), len(dd["test"])) == (9, 3, 3)
+    assert dd["test"]["image_id"] == names[13:]
+    assert dd["train"][0]["captions"][0] == "a dog number 00 runs 0"
+
+
+def test_single_parquet_file_without_splits_is_karpathy_split(tmp_path):
+    path = tmp_path / "flickr.parquet"
+    jxie_schema_dataset(image_names(), "train").to_parquet(str(path))
+    dd, report = load_caption_dataset(path, cache_dir=str(tmp_path / "cache"), return_report=True)
+    assert_bad_records_counted(dd, report)
+    expected = karpathy_split(image_names(), seed=0)
+    assert dd["validation"]["image_id"] == sorted(set(expected["validation"]) - {CORRUPT})
+
+
+def test_hub_id_goes_through_datasets_load_dataset(monkeypatch):
+    names = image_names()
+    hub = DatasetDict({"train": jxie_schema_dataset(names[:10], "train"),
+                       "validation": jxie_schema_dataset(names[10:13], "validation"),
+                       "test": jxie_schema_dataset(names[13:], "test")})
+    calls = []
+    monkeypatch.setattr(data, "load_dataset", lambda path, **kw: calls.append(path) or hub)
+    dd, report = load_caption_dataset(return_report=True)  # default source
+    assert calls == ["jxie/flickr8k"]
+    assert_bad_records_counted(dd, report)
+    assert load_caption_dataset("user/other", split="validation")["image_id"] == names[10:13]
+
+
+def test_unknown_local_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(ValueError, match="expected a Kaggle layout"):
+        load_caption_dataset(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ splits, cleaning
+
+
+def test_karpathy_split_sizes_and_determinism():
+    assert karpathy_split_sizes(8000) == (6000, 1000, 1000)
+    assert karpathy_split_sizes(8091) == (6091, 1000, 1000)  # the Kaggle copy has 91 extra images
+    assert karpathy_split_sizes(800) == (600, 100, 100)
+    assert karpathy_split_sizes(16) == (12, 2, 2)
+    assert karpathy_split_sizes(3) == (1, 1, 1)
+    names = [f"{i:05d}.jpg" for i in range(8000)]
+    split = karpathy_split(names[::-1], seed=0)  # input order must not matter: sorted first
+    assert split == karpathy_split(names, seed=0)
+    assert [len(split[s]) for s in data.SPLITS] == [6000, 1000, 1000]
+    assert set().union(*map(set, split.values())) == set(names)
+    assert split["test"] != karpathy_split(names, seed=1)["test"]
+
+
+def test_clean_caption():
+    assert clean_caption("A  Dog's  T-shirt,  running!\n") == "a dogs t shirt running"
+    assert clean_caption(" . ") == ""
+    assert clean_caption(None) == ""
+    assert clean_caption("one two three four", max_words=2) == "one two"
+    assert len(clean_caption(" ".join(["w"] * 50)).split()) == data.MAX_CAPTION_WORDS
+    with pytest.raises(ValueError, match="expected a caption string"):
+        clean_caption(3)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+
+def test_shapes_dataset_splits_differ_and_keep_objects():
+    dd = load_shapes_dataset(num_train=4, num_val=3, num_test=3, seed=7)
+    assert [len(dd[s]) for s in data.SPLITS] == [4, 3, 3]
+    row = dd["validation"][0]
+    assert isinstance(row["image"], PILImage.Image) and len(row["captions"]) == 5
+    obj = row["objects"][0]
+    assert set(obj) == {"colour", "shape", "box"} and len(obj["box"]) == 4
+    assert f"{obj['colour']} {obj['shape']}" in row["captions"][0]
+    pixels = [np.asarray(dd[s][0]["image"]) for s in data.SPLITS]
+    assert not any(a.shape == b.shape and (a == b).all() for a, b in [(pixels[0], pixels[1]), (pixels[1], pixels[2])])
+    again = load_shapes_dataset(num_train=1, num_val=3, num_test=0, seed=7)  # a split ignores other splits' sizes
+    assert again["validation"]["captions"] == dd["validation"]["captions"]
+    via_entry = load_caption_dataset("shapes", shapes_sizes=(2, 1, 1), seed=7)
+    assert via_entry["train"]["captions"] == dd["train"]["captions"][:2]
+
+
+# ---------------------------------------------------------------------------------------------- collator
+
+
+@pytest.fixture
+def bert_tokenizer():
+    from transformers import BertTokenizerFast
+
+    words = "a dog runs on the grass red circle".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    assert tokenizer.vocab_size == len(vocab)
+    return tokenizer
+
+
+def fake_preprocess(images):
+    return torch.stack([torch.full((3, 8, 8), float(np.asarray(im)[0, 0, 0])) for im in images])
+
+
+def rows():
+    return [{"image": PILImage.new("RGB", (5, 5), (10, 0, 0)), "image_id": "a",
+             "captions": ["a dog", "a dog runs on the grass", "a red circle"]},
+            {"image": PILImage.new("RGB", (5, 5), (20, 0, 0)), "image_id": "b", "captions": ["a red circle"]}]
+
+
+def test_collator_one_random_caption_per_image(bert_tokenizer):
+    collate = CaptionCollator(bert_tokenizer, max_length=6, preprocess=fake_preprocess, seed=0)
+    batch = collate(rows())
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 2 and ids.shape[1] <= 6
+    assert (ids[:, 0] == bert_tokenizer.cls_token_id).all()
+    for i in range(2):
+        n = int(mask[i].sum())
+        assert ids[i, n - 1] == bert_tokenizer.sep_token_id  # [SEP] kept even when truncated
+        assert (labels[i, :n] == ids[i, :n]).all() and (labels[i, n:] == -100).all()
+    assert batch["image_ids"] == ["a", "b"] and batch["references"][1] == ["a red circle"]
+    seen = {bert_tokenizer.decode(collate(rows())["input_ids"][0], skip_special_tokens=True) for _ in range(40)}
+    assert seen == {"a dog", "a dog runs on", "a red circle"}  # every caption drawn over "epochs"; one truncated
+
+
+def test_collator_flatten_keeps_every_reference(bert_tokenizer):
+    batch = CaptionCollator(bert_tokenizer, max_length=12, preprocess=fake_preprocess, flatten=True)(rows())
+    assert batch["input_ids"].shape[0] == 4 and batch["image_index"].tolist() == [0, 0, 0, 1]
+    assert batch["pixel_values"].shape == (4, 3, 8, 8)
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10.0, 10.0, 10.0, 20.0]
+    texts = bert_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert texts == ["a dog", "a dog runs on the grass", "a red circle", "a red circle"]
+
+
+def test_collator_rejects_rows_without_captions(bert_tokenizer):
+    collate = CaptionCollator(bert_tokenizer, max_length=8, preprocess=fake_preprocess)
+    with pytest.raises(ValueError, match="non-empty `captions`"):
+        collate([{"image": None, "image_id": "x", "captions": []}])
