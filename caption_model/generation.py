@@ -1,0 +1,195 @@
+"""Decoding: greedy and batched beam search over a `step()` API, with a KV cache and per-token attention.
+
+Shape legend: B images, K beams, N = B*K rows, t tokens so far, V vocabulary, P grid cells, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .modeling import ImageCaptioner
+
+
+@dataclass
+class Caption:
+    """One generated caption with a heatmap per word."""
+
+    text: str  # the caption, words joined by spaces
+    words: list[str]  # whole words (WordPiece pieces merged)
+    attention: np.ndarray  # float32 (len(words), gh, gw); each map sums to 1
+    score: float  # mean log-probability of the generated tokens (words and the end token)
+    token_ids: list[int] = field(default_factory=list)  # generated token ids, end token excluded
+
+
+class DecoderState:
+    """What `step()` needs: the visual tokens, their attention keys, the prefix and (optionally) the KV cache."""
+
+    def __init__(self, model: "ImageCaptioner", visual: torch.Tensor, use_cache: bool):
+        self.model = model
+        self.visual = visual  # (N, P, D)
+        self.keys = model.decoder.head.attention.project_keys(visual)  # (N, P, A), once per image
+        self.use_cache = use_cache
+        self.cache = None
+        bos = model.config.bos_token_id
+        self.input_ids = torch.full((visual.shape[0], 1), bos, dtype=torch.long, device=visual.device)  # (N, 1)
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score the next token of every row -> log-probabilities (N, V), attention of that token (N, P)."""
+        decoder = self.model.decoder
+        if self.use_cache:
+            new_ids = self.input_ids if self.cache is None else self.input_ids[:, -1:]  # (N, 1)
+            hidden, self.cache = decoder.hidden_states(new_ids, self.visual, past_key_values=self.cache, use_cache=True)
+        else:  # reference path: recompute the whole prefix every step
+            hidden, _ = decoder.hidden_states(self.input_ids, self.visual)
+        fused, alpha, _ = decoder.head(hidden[:, -1:], self.keys, self.visual)  # (N, 1, D), (N, 1, P)
+        logits = decoder.vocab_logits(fused[:, 0])  # (N, V)
+        return logits.float().log_softmax(dim=-1), alpha[:, 0]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)  # (N, t) -> (N, t+1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (N,) in this order: beam search moves surviving beams into place."""
+        self.input_ids = self.input_ids[rows]
+        if self.cache is not None:
+            # Cross-attention keys/values are the same for every beam of an image: only self-attention moves.
+            self.cache.self_attention_cache.reorder_cache(rows)
+
+
+def greedy_search(model: "ImageCaptioner", visual: torch.Tensor, max_length: int, use_cache: bool = True):
+    """visual (B, P, D) -> token ids (B, L), attention (B, L, P), sum of log-probs (B,), lengths (B,).
+    Rows that finished early are padded with [PAD] after their end token."""
+    cfg = model.config
+    state = DecoderState(model, visual, use_cache)
+    B = visual.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
+    logprob_sum = torch.zeros(B, device=visual.device)
+    lengths = torch.zeros(B, dtype=torch.long, device=visual.device)
+    alphas = []
+    for _ in range(max_length):
+        logprobs, alpha = state.step()  # (B, V), (B, P)
+        tokens = logprobs.argmax(dim=-1)  # (B,)
+        tokens = torch.where(finished, torch.full_like(tokens, cfg.pad_token_id), tokens)
+        logprob_sum += torch.where(finished, 0.0, logprobs.gather(1, tokens[:, None])[:, 0])
+        lengths += (~finished).long()
+        alphas.append(alpha)
+        state.append(tokens)
+        finished |= tokens == cfg.eos_token_id
+        if bool(finished.all()):
+            break
+    return state.input_ids[:, 1:], torch.stack(alphas, dim=1), logprob_sum, lengths
+
+
+def beam_search(model: "ImageCaptioner", visual: torch.Tensor, num_beams: int, max_length: int,
+                length_penalty: float = 1.0, use_cache: bool = True):
+    """Batched beam search. visual (B, P, D) -> best beam per image: token ids (B, L), attention (B, L, P),
+    sum of log-probs (B,), lengths (B,). Hypotheses are ranked by sum / length ** length_penalty."""
+    cfg = model.config
+    B, K = visual.shape[0], num_beams
+    N = B * K
+    device = visual.device
+    state = DecoderState(model, visual.repeat_interleave(K, dim=0), use_cache)  # (N, P, D)
+    beam_scores = torch.zeros(B, K, device=device)
+    beam_scores[:, 1:] = float("-inf")  # the first step expands beam 0 only
+    beam_scores = beam_scores.view(N)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    alpha_history = torch.zeros(N, 0, visual.shape[1], device=device)  # (N, t, P)
+    batch_offset = (torch.arange(B, device=device) * K)[:, None]  # (B, 1)
+    for _ in range(max_length):
+        logprobs, alpha = state.step()  # (N, V), (N, P)
+        V = logprobs.shape[-1]
+        # A finished beam can only be extended by [PAD], at no cost and without growing.
+        logprobs = torch.where(finished[:, None], _pad_only_row(V, cfg.pad_token_id, device), logprobs)
+        new_lengths = lengths + (~finished).long()  # (N,)
+        candidates = beam_scores[:, None] + logprobs  # (N, V) summed log-probs
+        normalised = candidates / new_lengths[:, None].clamp(min=1).float() ** length_penalty
+        top_scores, top_index = normalised.view(B, K * V).topk(K, dim=1)  # (B, K)
+        source_beam = top_index // V  # (B, K) which beam each survivor extends
+        tokens = (top_index % V).view(N)  # (N,)
+        rows = (batch_offset + source_beam).view(N)  # (N,) global row of the extended beam
+        beam_scores = candidates.view(B, K * V).gather(1, top_index).view(N)
+        lengths = new_lengths[rows]
+        finished = finished[rows] | (tokens == cfg.eos_token_id)
+        alpha_history = torch.cat([alpha_history[rows], alpha[rows][:, None]], dim=1)  # (N, t+1, P)
+        state.reorder(rows)
+        state.append(tokens)
+        if bool(finished.all()):
+            break
+    final = (beam_scores / lengths.clamp(min=1).float() ** length_penalty).view(B, K)
+    best = (batch_offset[:, 0] + final.argmax(dim=1))  # (B,)
+    return state.input_ids[best, 1:], alpha_history[best], beam_scores[best], lengths[best]
+
+
+def _pad_only_row(V: int, pad_token_id: int, device) -> torch.Tensor:
+    row = torch.full((1, V), float("-inf"), device=device)
+    row[0, pad_token_id] = 0.0
+    return row
+
+
+def merge_wordpieces(pieces: list[str], maps: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """WordPiece pieces (n,) with maps (n, gh, gw) -> whole words with the mean map of their pieces,
+    renormalised to sum to 1. '##ing' continues the previous word."""
+    words: list[str] = []
+    groups: list[list[int]] = []
+    for index, piece in enumerate(pieces):
+        if piece.startswith("##") and words:
+            words[-1] += piece[2:]
+            groups[-1].append(index)
+        else:
+            words.append(piece)
+            groups.append([index])
+    if not groups:
+        return [], np.zeros((0,) + maps.shape[1:], dtype=np.float32)
+    merged = np.stack([maps[g].mean(axis=0) for g in groups]).astype(np.float32)  # (words, gh, gw)
+    merged /= merged.sum(axis=(1, 2), keepdims=True)
+    return words, merged
+
+
+def to_caption(model: "ImageCaptioner", token_ids: torch.Tensor, attention: torch.Tensor,
+               logprob_sum: float, length: int) -> Caption:
+    """One row of decoder output -> Caption; stops at the end token."""
+    cfg = model.config
+    ids = token_ids[:length].tolist()
+    if ids and ids[-1] == cfg.eos_token_id:
+        ids = ids[:-1]
+    gh, gw = cfg.grid_size
+    maps = attention[: len(ids)].float().cpu().numpy().reshape(len(ids), gh, gw)
+    special = {cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id}
+    keep = [i for i, token in enumerate(ids) if token not in special]
+    pieces = model.tokenizer.convert_ids_to_tokens([ids[i] for i in keep])
+    words, word_maps = merge_wordpieces(pieces, maps[keep])
+    return Caption(
+        text=" ".join(words), words=words, attention=word_maps,
+        score=float(logprob_sum) / max(int(length), 1), token_ids=ids,
+    )
+
+
+def caption_images(model: "ImageCaptioner", images: Sequence, num_beams: int = 3, max_length: int = 30,
+                   length_penalty: float = 1.0, use_cache: bool = True) -> list[Caption]:
+    """Preprocess, encode and decode `images` in one batch -> one Caption per image."""
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: load it with from_pretrained or build it with from_backbones")
+    if not 1 <= int(num_beams) <= 16:
+        raise ValueError(f"num_beams must be between 1 and 16, got {num_beams}")
+    if not 1 <= int(max_length) <= model.config.max_position_embeddings - 1:
+        raise ValueError(f"max_length must be between 1 and {model.config.max_position_embeddings - 1}, got {max_length}")
+    if len(images) == 0:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            visual = model.encode(model.preprocess(list(images)))  # (B, P, D)
+            if num_beams == 1:
+                ids, alphas, sums, lengths = greedy_search(model, visual, max_length, use_cache)
+            else:
+                ids, alphas, sums, lengths = beam_search(model, visual, num_beams, max_length, length_penalty, use_cache)
+        return [to_caption(model, ids[i], alphas[i], sums[i].item(), lengths[i].item()) for i in range(len(images))]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,83 @@
+"""Image loading: any PIL-readable input becomes an upright RGB image, or a ValueError that says why not."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
+
+# More than any real photo (~ 12k x 12k); beyond it an image is treated as a decompression bomb.
+MAX_IMAGE_PIXELS = 150_000_000
+
+
+class ImageLoadError(ValueError):
+    """The input is not an image we can read (not an image, truncated, or a decompression bomb)."""
+
+
+def _open(source: ImageInput) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageLoadError("expected image bytes, got an empty file")
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise ImageLoadError(f"expected an image file, but {os.fspath(source)!r} does not exist")
+        if os.path.getsize(source) == 0:
+            raise ImageLoadError(f"expected an image file, got an empty file: {os.fspath(source)!r}")
+        return Image.open(source)
+    raise ImageLoadError(f"expected a PIL image, a path, bytes or a numpy array, got {type(source).__name__}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode to RGB; transparent pixels go on white, 16-bit images are rescaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        return Image.fromarray(((array - low) * scale).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Open `source` as an upright RGB PIL image (EXIF orientation applied; first frame of animations).
+
+    Raises ImageLoadError (a ValueError) for a file that is not an image, a truncated image or a decompression bomb.
+    """
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the input"
+    try:
+        image = _open(source)
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{width}x{height}")
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(
+            f"refusing {name}: it is {error} pixels, more than {MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+        ) from error
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(f"expected an image file (JPEG, PNG, GIF, WebP, ...), but {name} is not an image") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"could not read {name}: the image is truncated or corrupt ({error})") from error

@@ -1,0 +1,453 @@
+"""ImageCaptioner: ResNet-50 grid -> visual tokens -> causal BERT with cross-attention -> fusion head.
+
+Read top to bottom, smallest part first. Shape legend: B batch, T tokens, P grid cells (gh*gw), D hidden,
+C encoder channels, V vocabulary, S input side in pixels, A additive-attention width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+
+from .config import ENCODER_STAGES, CaptionerConfig
+from .images import ImageInput, load_image
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image encoder
+# ---------------------------------------------------------------------------------------------------------
+class ImageEncoder(nn.Module):
+    """ResNet-50 trunk up to `config.encoder_stage`, without avgpool/fc: (B, 3, S, S) -> (B, C, gh, gw).
+
+    The stages before the first trainable one form the *frozen prefix*: always in eval mode, no gradients, and
+    its output (`frozen_features`) is what a feature cache stores.
+    """
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.config = config
+        resnet = torchvision.models.resnet50(weights=None)  # architecture only; weights come from from_backbones
+        self.stage_names = ["stem"] + list(ENCODER_STAGES[: ENCODER_STAGES.index(config.encoder_stage) + 1])
+        self.stem = nn.Sequential(
+            OrderedDict(conv1=resnet.conv1, bn1=resnet.bn1, relu=resnet.relu, maxpool=resnet.maxpool)
+        )
+        for name in self.stage_names[1:]:
+            setattr(self, name, getattr(resnet, name))
+        trainable = set(config.encoder_trainable)
+        first_trainable = next((i for i, n in enumerate(self.stage_names) if n in trainable), len(self.stage_names))
+        self.num_frozen_stages = first_trainable
+        for name in self.stage_names:
+            getattr(self, name).requires_grad_(name in trainable)
+
+    def stages(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.stage_names]
+
+    def load_torchvision_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy weights from a torchvision resnet50 state dict (keys conv1.*, bn1.*, layerN.*)."""
+        mapped = {}
+        for key, value in state_dict.items():
+            if key.startswith(("conv1.", "bn1.")):
+                mapped["stem." + key] = value
+            elif key.split(".")[0] in self.stage_names:
+                mapped[key] = value
+        self.load_state_dict(mapped, strict=True)
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        for stage in self.stages():  # frozen stages keep their BatchNorm statistics
+            if not any(p.requires_grad for p in stage.parameters()):
+                stage.eval()
+        return self
+
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> output of the frozen prefix (B, C', h', w'); the input itself when nothing is frozen."""
+        x = pixel_values
+        with torch.no_grad():
+            for stage in self.stages()[: self.num_frozen_stages]:
+                x = stage(x)
+        return x
+
+    def forward_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen prefix -> final grid (B, C, gh, gw)."""
+        x = features
+        for stage in self.stages()[self.num_frozen_stages :]:
+            x = stage(x)
+        return x
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.forward_from_frozen(self.frozen_features(pixel_values))
+
+    def cache_signature(self) -> str:
+        """A digest of everything that determines `frozen_features`: input size, frozen stages and their weights."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.config.image_size, self.config.image_mean, self.config.image_std]).encode())
+        for name, stage in zip(self.stage_names[: self.num_frozen_stages], self.stages()):
+            digest.update(name.encode())
+            for key, tensor in sorted(stage.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+class VisualProjection(nn.Module):
+    """Grid features -> visual tokens: Linear(C -> D) + LayerNorm + learned 2-D position embeddings."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        gh, gw = config.grid_size
+        self.proj = nn.Linear(config.encoder_channels, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.row_embed = nn.Parameter(torch.randn(gh, config.hidden_size) * 0.02)
+        self.col_embed = nn.Parameter(torch.randn(gw, config.hidden_size) * 0.02)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        B, C, gh, gw = grid.shape
+        tokens = grid.flatten(2).transpose(1, 2)  # (B, C, gh, gw) -> (B, P, C)
+        position = (self.row_embed[:, None, :] + self.col_embed[None, :, :]).reshape(gh * gw, -1)  # (P, D)
+        return self.dropout(self.norm(self.proj(tokens)) + position)  # (B, P, D)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fusion decoder
+# ---------------------------------------------------------------------------------------------------------
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention: alpha_t = softmax_p(w . tanh(W_h h_t + W_v v_p)); the per-word heatmap."""
+
+    def __init__(self, hidden_size: int, attention_dim: int):
+        super().__init__()
+        self.query = nn.Linear(hidden_size, attention_dim)
+        self.key = nn.Linear(hidden_size, attention_dim, bias=False)
+        self.score = nn.Linear(attention_dim, 1, bias=False)
+
+    def project_keys(self, visual: torch.Tensor) -> torch.Tensor:
+        return self.key(visual)  # (B, P, D) -> (B, P, A); computed once per image when decoding
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor):
+        """hidden (B, T, D), keys (B, P, A), visual (B, P, D) -> context (B, T, D), alpha (B, T, P)."""
+        energy = self.score(torch.tanh(self.query(hidden)[:, :, None, :] + keys[:, None, :, :]))  # (B, T, P, 1)
+        alpha = energy.squeeze(-1).softmax(dim=-1)  # (B, T, P)
+        context = alpha @ visual  # (B, T, P) @ (B, P, D) -> (B, T, D)
+        return context, alpha
+
+
+class FusionHead(nn.Module):
+    """Additive attention over the visual tokens, then [h_t; c_t] -> fusion MLP -> a vector scored against the
+    word embeddings (the output weights are tied to BERT's input embeddings, see FusionDecoder.vocab_logits)."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.attention = AdditiveAttention(D, config.attention_dim)
+        self.dropout = nn.Dropout(config.fusion_dropout)
+        self.fuse = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.LayerNorm(D, eps=config.layer_norm_eps))
+        self.context_proj = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D, eps=config.layer_norm_eps))
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor, with_context: bool = False):
+        """hidden (B, T, D) -> fused (B, T, D), alpha (B, T, P), and (with_context) a context-only vector (B, T, D)."""
+        context, alpha = self.attention(hidden, keys, visual)  # (B, T, D), (B, T, P)
+        fused = self.fuse(self.dropout(torch.cat([hidden, context], dim=-1)))  # (B, T, 2D) -> (B, T, D)
+        # Grounding aid: predicting the word from c_t alone only works if alpha_t looks at the right object.
+        return fused, alpha, (self.context_proj(context) if with_context else None)
+
+
+def _bert_config(config: CaptionerConfig) -> BertConfig:
+    return BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        layer_norm_eps=config.layer_norm_eps,
+        pad_token_id=config.pad_token_id,
+        is_decoder=True,  # causal self-attention: position t never sees t+1..
+        add_cross_attention=True,  # every layer attends to the visual tokens
+    )
+
+
+class FusionDecoder(nn.Module):
+    """Causal BERT over the caption prefix with cross-attention to the visual tokens, then the fusion head."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.bert = BertModel(_bert_config(config), add_pooling_layer=False)
+        self.head = FusionHead(config)
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def vocab_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V), scored against the (tied) input word embeddings."""
+        return F.linear(x, self.bert.embeddings.word_embeddings.weight, self.output_bias)
+
+    def hidden_states(self, input_ids, visual, attention_mask=None, past_key_values=None, use_cache=False):
+        """input_ids (B, T), visual (B, P, D) -> hidden (B, T, D), cache."""
+        out = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=visual,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The captioner
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class CaptionerOutput:
+    loss: torch.Tensor | None  # scalar, when labels are given
+    logits: torch.Tensor  # (B, T, V); logits[:, t] predicts token t+1
+    attention: torch.Tensor  # (B, T, P); attention[:, t] is the heatmap of token t+1
+    losses: dict[str, torch.Tensor] | None = None  # the loss terms, for logging
+
+
+class ImageCaptioner(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="caption-model",
+    pipeline_tag="image-to-text",
+    tags=["image-captioning", "attention-heatmap", "resnet-50", "bert"],
+):
+    """ResNet-50 encoder + causal BERT fusion decoder whose additive attention gives a heatmap per word."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = CaptionerConfig.from_dict(config)
+        self.config = config
+        self.encoder = ImageEncoder(config)
+        self.projection = VisualProjection(config)
+        self.decoder = FusionDecoder(config)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._init_new_layers()
+
+    def _init_new_layers(self) -> None:
+        for module in [self.projection, self.decoder.head]:
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=0.02)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
+
+    # --- construction for a new training run -----------------------------------------------------------
+    @classmethod
+    def from_backbones(
+        cls,
+        config: CaptionerConfig | None = None,
+        decoder: str | os.PathLike | None = "bert-base-uncased",
+        encoder_weights: str | None = "IMAGENET1K_V2",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> "ImageCaptioner":
+        """A new model with pretrained backbones: torchvision ResNet-50 `encoder_weights` (None: random) and a
+        BERT checkpoint `decoder` (Hub id or local path; None: random decoder, then `tokenizer` is required).
+        The decoder's architecture fields (hidden size, layers, vocabulary...) are taken from its checkpoint."""
+        config = CaptionerConfig(**(config.to_dict() if config else {}))
+        bert = None
+        if decoder is not None:
+            bert = BertModel.from_pretrained(
+                os.fspath(decoder), is_decoder=True, add_cross_attention=True, add_pooling_layer=False
+            )
+            bert_config = bert.config
+            for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size", "max_position_embeddings", "layer_norm_eps", "pad_token_id"):
+                setattr(config, name, getattr(bert_config, name))
+            config.decoder_name = os.fspath(decoder)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(os.fspath(decoder))
+        else:
+            config.decoder_name = None
+        if tokenizer is None:
+            raise ValueError("a random decoder (decoder=None) needs a tokenizer, e.g. train_wordpiece_tokenizer(...)")
+        _check_tokenizer(tokenizer)
+        config.vocab_size = max(config.vocab_size, len(tokenizer)) if bert is not None else len(tokenizer)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.cls_token_id
+        config.eos_token_id = tokenizer.sep_token_id
+        config.encoder_weights = encoder_weights
+
+        model = cls(config)
+        if bert is not None:
+            model.decoder.bert.load_state_dict(bert.state_dict(), strict=True)
+        if encoder_weights is not None:
+            weights = torchvision.models.ResNet50_Weights[encoder_weights]
+            model.encoder.load_torchvision_state_dict(weights.get_state_dict(progress=True))
+        model.tokenizer = tokenizer
+        return model
+
+    # --- Hub format --------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write config.json, model.safetensors and the tokenizer files into `save_directory`."""
+        from safetensors.torch import save_model
+
+        if kwargs.get("push_to_hub"):
+            raise ValueError("use push_to_hub.py (or HfApi.upload_folder) to publish; save_pretrained saves locally")
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str = "cpu",
+        config: CaptionerConfig | dict | None = None,
+        **unused: Any,
+    ) -> "ImageCaptioner":
+        from safetensors.torch import load_model
+
+        if os.path.isdir(model_id):
+            folder = Path(model_id)
+        else:
+            folder = Path(
+                snapshot_download(
+                    repo_id=model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                    allow_patterns=["*.json", "*.safetensors", "*.txt"],
+                )
+            )
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_id} is not a complete captioner checkpoint: missing {', '.join(missing)}")
+        config = CaptionerConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        model = cls(config)
+        load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=map_location)
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            model.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model.eval()
+        return model
+
+    # --- images ------------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.config.grid_size
+
+    def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
+        """Images (PIL, paths, bytes) -> (B, 3, S, S) normalised pixels; the whole image is resized, no crop,
+        so attention cell (i, j) covers x in [j*W/gw, (j+1)*W/gw), y in [i*H/gh, (i+1)*H/gh)."""
+        if isinstance(images, (Image.Image, str, os.PathLike, bytes, np.ndarray)):
+            images = [images]
+        side = self.config.image_size
+        batch = np.stack(
+            [np.asarray(load_image(im).resize((side, side), Image.Resampling.BICUBIC)) for im in images]
+        )  # (B, S, S, 3) uint8
+        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
+        return ((pixels - mean) / std).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+        """Pixels (B, 3, S, S) or cached frozen features -> visual tokens (B, P, D)."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values or image_features")
+        if image_features is None:
+            grid = self.encoder(pixel_values)
+        else:
+            grid = self.encoder.forward_from_frozen(image_features.to(self.projection.proj.weight.dtype))
+        return self.projection(grid)  # (B, C, gh, gw) -> (B, P, D)
+
+    # --- training forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        context_loss_weight: float = 0.0,
+    ) -> CaptionerOutput:
+        """Teacher-forced pass. input_ids (B, T) start with [CLS]; labels (B, T) are input_ids with padding set
+        to -100 (shifted inside: logits[:, t] is scored against labels[:, t+1])."""
+        if input_ids is None:
+            raise ValueError("input_ids (B, T) are required: the caption prefix starting with [CLS]")
+        visual = self.encode(pixel_values, image_features)  # (B, P, D)
+        hidden, _ = self.decoder.hidden_states(input_ids, visual, attention_mask)  # (B, T, D)
+        keys = self.decoder.head.attention.project_keys(visual)  # (B, P, A)
+        want_context = labels is not None and context_loss_weight > 0
+        fused, alpha, context = self.decoder.head(hidden, keys, visual, with_context=want_context)
+        logits = self.decoder.vocab_logits(fused)  # (B, T, V)
+        context_logits = self.decoder.vocab_logits(context) if want_context else None
+        loss, losses = None, None
+        if labels is not None:
+            losses = self._losses(logits, alpha, labels, context_logits, context_loss_weight)
+            loss = sum(losses.values())
+        return CaptionerOutput(loss=loss, logits=logits, attention=alpha, losses=losses)
+
+    def _losses(self, logits, alpha, labels, context_logits, context_loss_weight) -> dict[str, torch.Tensor]:
+        targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        valid = (targets != -100).float()  # (B, T-1)
+        V = logits.shape[-1]
+        losses = {
+            "caption": F.cross_entropy(
+                logits[:, :-1].reshape(-1, V), targets.reshape(-1),
+                ignore_index=-100, label_smoothing=self.config.label_smoothing,
+            )
+        }
+        if self.config.attention_penalty > 0:
+            # Doubly stochastic attention: over the caption each cell gets its share of attention.
+            a = alpha[:, :-1] * valid[..., None]  # (B, T-1, P)
+            share = a.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)  # (B, P), sums to 1
+            P = alpha.shape[-1]
+            losses["attention"] = self.config.attention_penalty * ((1.0 / P - share) ** 2).sum(-1).mean() * P
+        if context_logits is not None:
+            losses["context"] = context_loss_weight * F.cross_entropy(
+                context_logits[:, :-1].reshape(-1, V), targets.reshape(-1), ignore_index=-100
+            )
+        return losses
+
+    # --- decoding (see generation.py) ----------------------------------------------------------------------
+    def caption(self, image: ImageInput, num_beams: int = 3, max_length: int = 30, length_penalty: float = 1.0,
+                use_cache: bool = True):
+        """Caption one image (PIL image or path) -> Caption(text, words, attention [n, gh, gw], score)."""
+        return self.caption_batch([image], num_beams, max_length, length_penalty, use_cache)[0]
+
+    def caption_batch(self, images: Sequence[ImageInput], num_beams: int = 3, max_length: int = 30,
+                      length_penalty: float = 1.0, use_cache: bool = True):
+        """Caption several images in one batched forward -> list of Caption."""
+        from .generation import caption_images
+
+        return caption_images(self, images, num_beams=num_beams, max_length=max_length,
+                              length_penalty=length_penalty, use_cache=use_cache)
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
+        if getattr(tokenizer, name, None) is None:
+            raise ValueError(f"the tokenizer needs a BERT-style {name[:-3]} ([PAD]/[CLS]/[SEP]); it has none")
