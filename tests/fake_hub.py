@@ -61,6 +61,7 @@ class Repo:
     sdk: str | None = None
     branches: dict[str, list[Commit]] = field(default_factory=dict)  # branch -> commits, oldest first
     variables: dict[str, dict] = field(default_factory=dict)  # Space variables: key -> {"value", "description"}
+    restarts: int = 0  # Space restarts requested
 
     def head(self, revision: str = "main") -> Commit | None:
         """The commit a branch name or a commit oid points to (None if unknown)."""
@@ -334,6 +335,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(repo_type, repo_id, arg or "main")
         if action == "paths-info" and method == "POST":
             return self._paths_info(repo_type, repo_id, arg or "main", body)
+        if action == "restart" and repo_type == "space" and method == "POST":
+            repo = self._repo(repo_type, repo_id, write=True)
+            repo.restarts += 1
+            return self._json(200, {"stage": "RUNNING_BUILDING", "hardware": {"current": None,
+                                                                             "requested": "cpu-basic"}})
         if action == "variables" and repo_type == "space":
             repo = self._repo(repo_type, repo_id, write=True)
             if method == "POST":
