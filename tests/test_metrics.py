@@ -1,0 +1,166 @@
+"""caption_model.metrics: COCO-caption scores equal pycocoevalcap's, the no-Java fallback, shapes metrics."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import evaluate
+import numpy as np
+import pytest
+
+from caption_model.metrics import (COCO_CAPTION_METRIC_PATH, coco_caption_scores, object_f1, object_pairs,
+                                   pointing_accuracy, pointing_counts, python_tokenize, shapes_scores)
+from caption_model.shapes import ShapeObject
+
+# A fixed example with capitals, punctuation and clitics, so tokenisation matters.
+PREDICTIONS = ["A brown dog runs on the grass.", "Two men are playing soccer, outside.", "a girl's red bike",
+               "the cat is sleeping on a bed"]
+REFERENCES = [
+    ["A brown dog is running through the grass.", "A dog runs across a field!", "The dog's running on grass."],
+    ["Two men are playing soccer on a field.", "Men play football, outside.", "two people play a game"],
+    ["A little girl rides her red bike.", "A girl's bicycle is red.", "A child on a red bike."],
+    ["A cat is sleeping on the sofa.", "The cat doesn't move; it sleeps.", "A grey cat sleeps."],
+]
+COCO_KEYS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+
+
+def pycocoevalcap_reference_scores() -> dict[str, float]:
+    """What COCOEvalCap.evaluate() computes, called directly on pycocoevalcap's own classes."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(REFERENCES)})
+    res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(PREDICTIONS)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    meteor = Meteor()
+    scores = {f"Bleu_{n}": b for n, b in enumerate(bleu, 1)}
+    scores["METEOR"] = meteor.compute_score(gts, res)[0]
+    del meteor  # stops its Java process
+    scores["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    scores["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return scores
+
+
+def test_evaluate_module_reproduces_pycocoevalcap():
+    assert shutil.which("java"), "this machine is expected to have Java (DESIGN.md)"
+    expected = pycocoevalcap_reference_scores()
+    got = evaluate.load(COCO_CAPTION_METRIC_PATH).compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert set(got) == COCO_KEYS
+    for key in COCO_KEYS:
+        assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert 0.05 < got["Bleu_4"] < 0.9 and 0.05 < got["METEOR"] < 0.9 and got["CIDEr"] > 0.1  # not trivial
+
+
+def test_no_java_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("Java must not be started without java on PATH")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    preds = dict(enumerate(PREDICTIONS))
+    refs = dict(enumerate(REFERENCES))
+    with pytest.warns(UserWarning, match="java not found on PATH"):
+        scores = coco_caption_scores(preds, refs)
+    assert set(scores) == COCO_KEYS - {"METEOR"}
+    assert 0.05 < scores["Bleu_4"] < 0.9 and scores["CIDEr"] > 0.1
+    with pytest.warns(UserWarning, match="java not found on PATH"):
+        assert evaluate.load(COCO_CAPTION_METRIC_PATH).compute(predictions=PREDICTIONS,
+                                                               references=REFERENCES) == scores
+
+
+def test_python_tokenisation_matches_ptb_on_the_example():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = {i: refs + [PREDICTIONS[i]] for i, refs in enumerate(REFERENCES)}
+    ptb = PTBTokenizer().tokenize({i: [{"caption": c} for c in caps] for i, caps in captions.items()})
+    assert python_tokenize(captions) == ptb
+    assert python_tokenize({0: ["The dog's ball; it doesn't fly."]}) == {0: ["the dog 's ball it does n't fly"]}
+
+
+def test_coco_scores_reject_mismatched_ids():
+    with pytest.raises(ValueError, match="same ids"):
+        coco_caption_scores({0: "a dog"}, {1: ["a dog"]}, use_java=False)
+    with pytest.raises(ValueError, match="non-empty list of reference strings"):
+        coco_caption_scores({0: "a dog"}, {0: []}, use_java=False)
+    with pytest.raises(ValueError, match="non-empty list of reference strings"):
+        coco_caption_scores({0: "a dog"}, {0: "a dog"}, use_java=False)
+
+
+# -------------------------------------------------------------------------------------------------- shapes
+
+
+def test_object_pairs_need_adjacent_colour_then_shape():
+    assert object_pairs("A red circle to the left of a blue square.") == {("red", "circle"), ("blue", "square")}
+    assert object_pairs("a red big circle and a triangle that is green") == set()
+    assert object_pairs(["a", "yellow", "triangle"]) == {("yellow", "triangle")}
+
+
+def test_object_f1_single_caption_and_micro_over_dataset():
+    truth = [ShapeObject("red", "circle", (0, 0, 10, 10)), ShapeObject("green", "triangle", (20, 0, 30, 10))]
+    one = object_f1("a red circle to the left of a blue square", truth)
+    assert (one["tp"], one["fp"], one["fn"]) == (1, 1, 1)
+    assert one["precision"] == one["recall"] == one["f1"] == 0.5
+    rows = [truth, [{"colour": "yellow", "shape": "square", "box": [0, 0, 5, 5]}]]  # dataset-row dicts work too
+    both = object_f1(["a red circle to the left of a blue square", "a yellow square"], rows)
+    assert (both["tp"], both["fp"], both["fn"]) == (2, 1, 1)
+    assert both["f1"] == pytest.approx(4 / 6)  # micro: not the mean of per-caption F1s (0.5 and 1.0)
+    assert object_f1(["a green triangle and a red circle"], [truth])["f1"] == 1.0
+    with pytest.raises(ValueError, match="one objects list per caption"):
+        object_f1(["a", "b"], [truth])
+
+
+def one_hot(grid: tuple[int, int], cell: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(grid, dtype=np.float32)
+    m[cell] = 1.0
+    return m
+
+
+# Image 200 x 100 (W x H), grid 2 x 4 (gh x gw): cells are 50 x 50 px, cell (i, j) has centre (50 j + 25, 50 i + 25).
+IMAGE_SIZE = (200, 100)
+GRID = (2, 4)
+OBJECTS = [("red", "circle", (30, 0, 45, 20)),  # (0, 0) centre (25, 25) is outside, but inside the box + 25 px
+           ("blue", "square", (110, 55, 150, 95))]  # cell (1, 2) centre (125, 75) is inside
+
+
+def test_pointing_accuracy_uses_argmax_cell_centre_and_half_cell_margin():
+    words = ["a", "red", "circle", "and", "a", "blue", "square", "and", "a", "green", "triangle"]
+    maps = {1: (0, 0), 2: (0, 0),  # red, circle: hit thanks to the half-cell margin
+            5: (1, 2),  # blue: hit (row i = 1 is y, column j = 2 is x; swapping them lands at (75, 125): miss)
+            6: (0, 3),  # square: centre (175, 25); y = 25 is above the grown box (y >= 30): miss
+            9: (1, 0), 10: (1, 0)}  # "green triangle" is not in the image: not counted
+    attention = np.stack([one_hot(GRID, maps.get(k, (0, 1))) for k in range(len(words))])
+    assert pointing_counts(words, attention, OBJECTS, IMAGE_SIZE) == (3, 4)
+    assert pointing_accuracy(words, attention, OBJECTS, IMAGE_SIZE) == 0.75
+    attention[1] = one_hot(GRID, (0, 2))  # red now points at (125, 25): outside the circle's grown box
+    assert pointing_counts(words, attention, OBJECTS, IMAGE_SIZE) == (2, 4)
+
+
+def test_pointing_margin_is_half_a_cell_not_more():
+    words = ["a", "red", "circle"]
+    far = [("red", "circle", (80, 60, 100, 100))]  # cell (0, 0) centre (25, 25): 55 px left of the box
+    near = [("red", "circle", (50, 45, 100, 100))]  # 25 px left and 20 px above: inside the grown box
+    attention = np.stack([one_hot(GRID, (0, 0))] * 3)
+    assert pointing_counts(words, attention, far, IMAGE_SIZE) == (0, 2)
+    assert pointing_counts(words, attention, near, IMAGE_SIZE) == (2, 2)
+    assert np.isnan(pointing_accuracy(["a", "blue", "circle"], attention, far, IMAGE_SIZE))
+    with pytest.raises(ValueError, match=r"n_words=2"):
+        pointing_counts(["red", "circle"], attention, far, IMAGE_SIZE)
+
+
+def test_shapes_scores_over_a_dataset():
+    words = ["a", "red", "circle", "above", "a", "blue", "square"]
+    attention = np.stack([one_hot(GRID, (0, 0))] * 3 + [one_hot(GRID, (1, 2))] * 4)
+    good = SimpleNamespace(text=" ".join(words), words=words, attention=attention)
+    wrong = SimpleNamespace(text="a green triangle", words=["a", "green", "triangle"],
+                            attention=np.stack([one_hot(GRID, (0, 0))] * 3))
+    scores = shapes_scores([good, wrong], [OBJECTS, OBJECTS], [IMAGE_SIZE, IMAGE_SIZE])
+    assert scores["object_f1"] == pytest.approx(4 / 7)  # tp 2, fp 1, fn 2
+    assert scores["pointing_accuracy"] == 1.0 and scores["pointed_words"] == 4
