@@ -18,13 +18,14 @@ from caption_model.data import (CaptionCollator, clean_caption, karpathy_split, 
                                 load_caption_dataset, load_shapes_dataset)
 
 N_IMAGES = 16  # Karpathy-style split of 16 images: 12/2/2
-CORRUPT = "img_03.jpg"  # truncated JPEG
+CORRUPT = "img_03.jpg"  # truncated JPEG in folders, not an image in parquet
 EMPTY_CAPTION_IMAGE = "img_05.jpg"  # its third caption is blank
 
 
 def jpeg_bytes(index: int) -> bytes:
+    """A 24 x 16 noise JPEG (noise, so most bytes are scan data that a truncation cuts)."""
     buf = io.BytesIO()
-    PILImage.new("RGB", (24, 16), (index * 15 % 256, 100, 200)).save(buf, "JPEG")
+    PILImage.fromarray(np.random.default_rng(index).integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -43,7 +44,8 @@ def write_images(folder, names) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         payload = jpeg_bytes(i)
-        (folder / name).write_bytes(payload[: len(payload) // 2] if name == CORRUPT else payload)
+        # The corrupt one loses its last 20 %: headers parse, only decoding the pixels fails.
+        (folder / name).write_bytes(payload[: len(payload) * 4 // 5] if name == CORRUPT else payload)
 
 
 def assert_bad_records_counted(dd: DatasetDict, report) -> None:

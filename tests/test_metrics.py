@@ -41,7 +41,10 @@ def pycocoevalcap_reference_scores() -> dict[str, float]:
     meteor = Meteor()
     scores = {f"Bleu_{n}": b for n, b in enumerate(bleu, 1)}
     scores["METEOR"] = meteor.compute_score(gts, res)[0]
-    del meteor  # stops its Java process
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    for pipe in (meteor.meteor_p.stdin, meteor.meteor_p.stdout, meteor.meteor_p.stderr):
+        pipe.close()
     scores["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
     scores["CIDEr"] = Cider().compute_score(gts, res)[0]
     return scores

@@ -14,6 +14,7 @@ This file is self-contained on purpose: `evaluate.load` copies only this file in
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -99,6 +100,19 @@ def python_tokenize(captions: Captions) -> dict[Hashable, list[str]]:
 
 _METEOR = None  # one METEOR Java process per Python process: starting it costs ~10 s (paraphrase table)
 _METEOR_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_meteor() -> None:
+    """Stop the shared METEOR process and close its pipes (pycocoevalcap's __del__ leaves them open)."""
+    global _METEOR
+    with _METEOR_LOCK:
+        meteor, _METEOR = _METEOR, None
+    if meteor is not None:
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        for pipe in (meteor.meteor_p.stdin, meteor.meteor_p.stdout, meteor.meteor_p.stderr):
+            pipe.close()
 
 
 def _meteor_score(gts: dict, res: dict) -> float | None:
