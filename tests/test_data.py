@@ -6,7 +6,6 @@ import csv
 import io
 import logging
 
-import datasets
 import numpy as np
 import pytest
 import torch
