@@ -1,0 +1,299 @@
+"""app.py: a real server on localhost (gradio_client on /caption, HTTP /predict and /health), the UI handlers,
+bad inputs everywhere, model resolution and start-up errors, and a small load run."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from app_helpers import ROOT, bad_files, good_images, serve
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import app
+from caption_model import ImageCaptioner
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint) -> ImageCaptioner:
+    return app.load_captioner(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ui(captioner, tiny_checkpoint) -> app.CaptionUI:
+    return app.CaptionUI(app.CaptionService(captioner, tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def server(captioner, tiny_checkpoint):
+    with serve(app.create_app(captioner, model_id=tiny_checkpoint)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server + "/", verbose=False)
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    """Every good and bad test file written to disk (what an upload becomes)."""
+    paths = {}
+    for name, data in {**good_images(), **{n: b for n, (b, _) in bad_files().items()}}.items():
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+def shapes_png(tmp_path: Path) -> Path:
+    path = tmp_path / "shapes.png"
+    path.write_bytes((ROOT / "examples" / "shapes_9.png").read_bytes())
+    return path
+
+
+def assert_caption_data(data: dict, caption: str, grid: tuple[int, int]) -> None:
+    """The JSON a program gets: words, grid size and one normalised map per word."""
+    assert data["caption"] == caption and caption.strip()
+    assert data["words"] and " ".join(data["words"]) == caption
+    assert data["grid_size"] == list(grid)
+    attention = np.asarray(data["attention"], dtype=np.float64)
+    assert attention.shape == (len(data["words"]), *grid)
+    np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, atol=1e-3)
+    assert isinstance(data["score"], float) and data["score"] <= 0.0
+
+
+# --- the real server: gradio_client and plain HTTP -----------------------------------------------------------------
+
+
+def test_client_caption_endpoint_returns_caption_words_and_heatmaps(client, captioner, tmp_path):
+    caption, data = client.predict(handle_file(str(shapes_png(tmp_path))), api_name="/caption")
+    assert_caption_data(data, caption, captioner.grid_size)
+    assert data["image_size"] == list(Image.open(shapes_png(tmp_path)).size)
+    # every decoding control reaches the model: greedy equals beam size 1, and max_length caps the caption
+    greedy, _ = client.predict(handle_file(str(shapes_png(tmp_path))), "greedy", 5, 30, 1.0, api_name="/caption")
+    beam1, _ = client.predict(handle_file(str(shapes_png(tmp_path))), "beam", 1, 30, 1.0, api_name="/caption")
+    assert greedy == beam1 == captioner.caption(shapes_png(tmp_path), num_beams=1).text
+    short, short_data = client.predict(handle_file(str(shapes_png(tmp_path))), "beam", 3, 3, 1.0, api_name="/caption")
+    assert len(short_data["words"]) <= 3 and short == " ".join(short_data["words"])
+
+
+def test_client_api_lists_only_the_caption_endpoint(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert list(endpoints) == ["/caption"]
+    assert [p["parameter_name"] for p in endpoints["/caption"]["parameters"]] == [
+        "image", "decoding", "num_beams", "max_length", "length_penalty"
+    ]
+
+
+def test_health_names_the_model(server, tiny_checkpoint):
+    response = httpx.get(server + "/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "model": tiny_checkpoint}
+
+
+def test_predict_returns_the_greedy_caption(server, captioner, tmp_path):
+    path = shapes_png(tmp_path)
+    response = httpx.post(server + "/predict", files={"image": ("shapes.png", path.read_bytes(), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["caption"] == captioner.caption(path, num_beams=1).text
+    assert " ".join(body["words"]) == body["caption"]
+
+
+def test_the_ui_page_is_served(server, tiny_checkpoint):
+    response = httpx.get(server + "/")
+    assert response.status_code == 200 and "<html" in response.text.lower()
+    config = httpx.get(server + "/config").json()
+    assert any(tiny_checkpoint in str(c.get("props", {}).get("value", "")) for c in config["components"])
+
+
+@pytest.mark.parametrize("name", list(bad_files()))
+def test_predict_refuses_bad_files_with_json_4xx_then_still_serves(server, name, tmp_path):
+    data, phrase = bad_files()[name]
+    response = httpx.post(server + "/predict", files={"image": (name, data, "application/octet-stream")})
+    assert response.status_code == 400
+    assert phrase in response.json()["error"]
+    good = httpx.post(server + "/predict", files={"image": ("ok.png", shapes_png(tmp_path).read_bytes())})
+    assert good.status_code == 200 and good.json()["caption"]
+
+
+def test_predict_refuses_malformed_requests(server):
+    missing = httpx.post(server + "/predict", files={"picture": ("x.png", b"123")})
+    assert missing.status_code == 400 and "'image'" in missing.json()["error"]
+    not_multipart = httpx.post(server + "/predict", content=b"raw bytes", headers={"content-type": "image/png"})
+    assert 400 <= not_multipart.status_code < 500 and "multipart" in not_multipart.json()["error"]
+    too_big = httpx.post(server + "/predict", files={"image": ("big.png", b"\0" * (app.MAX_UPLOAD_BYTES + 10))})
+    assert too_big.status_code == 413 and "too large" in too_big.json()["error"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("name", list(bad_files()))
+def test_client_gets_a_clear_error_for_bad_files_then_still_works(client, name, files, tmp_path):
+    phrase = bad_files()[name][1]
+    with pytest.raises(Exception, match=phrase) as raised:
+        client.predict(handle_file(str(files[name])), api_name="/caption")
+    assert "can't be captioned" in str(raised.value) and str(tmp_path) not in str(raised.value)
+    caption, data = client.predict(handle_file(str(shapes_png(tmp_path))), api_name="/caption")
+    assert caption and data["words"]
+
+
+def test_client_captions_every_kind_of_image_over_the_wire(client, files):
+    for name in ("cmyk.jpg", "animated.gif", "exif_rotated.jpg", "large.jpg"):
+        caption, data = client.predict(handle_file(str(files[name])), "greedy", api_name="/caption")
+        assert caption and len(data["attention"]) == len(data["words"]), name
+    assert data["image_size"] == [4000, 3000]
+
+
+def test_small_load_run_all_requests_succeed(server, tmp_path):
+    from benchmarks.load_test import run_load_test
+
+    stats = run_load_test(server + "/", shapes_png(tmp_path), clients=4, requests_per_client=2)
+    assert stats["failures"] == [] and stats["succeeded"] == 8
+    assert 0 < stats["p50"] <= stats["p95"]
+
+
+# --- the UI handlers, without a browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(good_images()))
+def test_handler_captions_any_readable_image(ui, files, name, captioner):
+    text, data, state = ui.caption(str(files[name]), "greedy", 1, 20, 1.0)
+    assert_caption_data(data, text, captioner.grid_size)
+    upright = Image.open(files[name])
+    expected = (upright.height, upright.width) if name == "exif_rotated.jpg" else upright.size
+    assert tuple(data["image_size"]) == expected
+    assert max(state.image.size) <= app.DISPLAY_MAX_SIDE and state.attention.shape[0] == len(state.words)
+
+
+@pytest.mark.parametrize("name", list(bad_files()))
+def test_handler_says_why_a_file_is_refused(ui, files, name):
+    with pytest.raises(gr.Error, match=bad_files()[name][1]) as raised:
+        ui.caption(str(files[name]), "beam", 3, 30, 1.0)
+    assert "can't be captioned" in str(raised.value) and name in str(raised.value)
+
+
+@pytest.mark.parametrize("empty", [None, ""])
+def test_handler_asks_for_an_image_when_there_is_none(ui, empty):
+    with pytest.raises(gr.Error, match="No image yet"):
+        ui.caption(empty, "beam", 3, 30, 1.0)
+
+
+def test_views_come_from_the_stored_result(ui, tmp_path, monkeypatch):
+    text, data, state = ui.caption(str(shapes_png(tmp_path)), "beam", 3, 30, 1.0)
+    # changing the word or the opacity must not run the model again
+    monkeypatch.setattr(ui.service.captioner, "caption", lambda *a, **k: pytest.fail("model called again"))
+    picker, heatmap, gallery = ui.show_result(state, 0.5)
+    assert [value for _, value in picker.choices] == list(range(len(data["words"])))
+    assert [label for label, _ in picker.choices] == data["words"]
+    assert data["words"][picker.value] not in app.STOP_WORDS or set(data["words"]) <= app.STOP_WORDS
+    assert heatmap.value is not None and f'"{data["words"][picker.value]}"' in heatmap.label
+    assert [label for _, label in gallery] == [f"{i + 1}. {w}" for i, w in enumerate(data["words"])]
+    assert all(image.size == state.image.size for image, _ in gallery)
+
+    faint = np.asarray(ui.overlay_for(state, 1, 0.1), dtype=np.int16)
+    strong = np.asarray(ui.overlay_for(state, 1, 0.9), dtype=np.int16)
+    assert np.abs(faint - strong).mean() > 5  # the opacity shows
+    maps = [np.asarray(ui.overlay_for(state, i, 0.5), dtype=np.int16) for i in range(len(state.words))]
+    assert any(np.abs(maps[0] - m).mean() > 0.5 for m in maps[1:])  # words get their own maps
+    assert ui.overlay_for(state, len(state.words), 0.5) is None and ui.overlay_for(None, 0, 0.5) is None
+
+    restyled, regallery = ui.restyle(state, 1, 0.8)
+    assert restyled.value is not None and len(regallery) == len(state.words)
+    picked, shown = ui.pick_from_gallery(state, 0.5, gr.SelectData(None, {"index": 2, "value": None}))
+    assert picked.value == 2 and f'"{state.words[2]}"' in shown.label
+
+
+def test_create_demo_wires_the_model_name_into_the_footer(captioner):
+    demo = app.create_demo(captioner, model_id="someone/shapes-captioner")
+    footer = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "footer-model"]
+    assert footer and "someone/shapes-captioner" in footer[0].value
+
+
+# --- model resolution and start-up errors --------------------------------------------------------------------------
+
+
+def test_model_comes_from_the_flag_then_the_environment(monkeypatch):
+    monkeypatch.setenv("CAPTION_MODEL", "env/model")
+    assert app.resolve_model("flag/model") == "flag/model"
+    assert app.resolve_model(None) == "env/model"
+
+
+def test_a_local_checkpoint_is_used_when_nothing_is_configured(monkeypatch, tmp_path):
+    monkeypatch.delenv("CAPTION_MODEL", raising=False)
+    local = tmp_path / "checkpoints" / "shapes" / "best"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}")
+    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", local)
+    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "best")
+    monkeypatch.setitem(sys.modules, "train", None)  # training must not be needed
+    assert app.resolve_model(None) == str(local)
+
+
+def test_without_any_model_the_shapes_preset_is_trained_once(monkeypatch, tmp_path, tiny_checkpoint):
+    monkeypatch.delenv("CAPTION_MODEL", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
+    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "shapes" / "best")
+    calls = []
+
+    def train_preset(preset, output_dir):
+        calls.append((preset, Path(output_dir)))
+        best = Path(output_dir) / "best"
+        best.mkdir(parents=True)
+        for item in Path(tiny_checkpoint).iterdir():
+            (best / item.name).write_bytes(item.read_bytes())
+        return best
+
+    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(train_preset=train_preset))
+    resolved = app.resolve_model(None)
+    assert calls == [("shapes", tmp_path / "checkpoints" / "shapes")]
+    assert resolved == str(tmp_path / "checkpoints" / "shapes" / "best")
+    assert app.load_captioner(resolved).caption(ROOT / "examples" / "shapes_9.png").text
+    assert app.resolve_model(None) == resolved and len(calls) == 1  # the second start reuses it
+
+
+def test_on_a_space_the_fallback_trains_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("CAPTION_MODEL", raising=False)
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
+    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "shapes" / "best")
+    seen = []
+    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(train_preset=lambda p, output_dir: seen.append(output_dir)))
+    with pytest.raises(app.ModelLoadError, match="holds no checkpoint"):
+        app.resolve_model(None)
+    assert seen == [tmp_path / "cache" / "shapes"]
+
+
+def test_missing_train_py_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("CAPTION_MODEL", raising=False)
+    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", tmp_path / "none" / "best")
+    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "best")
+    monkeypatch.setitem(sys.modules, "train", None)
+    with pytest.raises(app.ModelLoadError, match="--model"):
+        app.resolve_model(None)
+
+
+def test_start_up_errors_say_what_was_expected(tmp_path, monkeypatch):
+    with pytest.raises(app.ModelLoadError, match="does not exist"):
+        app.load_captioner(str(tmp_path / "missing"))
+    with pytest.raises(app.ModelLoadError, match="config.json"):
+        app.load_captioner(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(app.ModelLoadError, match="HF_HUB_OFFLINE"):
+        app.load_captioner("nobody/no-such-captioner")
+    with pytest.raises(SystemExit, match="app.py: model folder .* does not exist"):
+        app.main(["--model", str(tmp_path / "missing")])
+
+
+def test_int8_model_still_captions(tiny_checkpoint):
+    quantized = app.load_captioner(tiny_checkpoint, int8=True)
+    result = quantized.caption(ROOT / "examples" / "shapes_24.png", num_beams=1)
+    assert result.text and result.attention.shape[0] == len(result.words)
