@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Union
 
 import numpy as np
@@ -41,11 +42,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any mode to RGB; transparent pixels go on white, 16-bit images are rescaled, not clipped."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit files map 0..65535 onto 0..255 (a 25% grey stays 25% grey); wider "I"/"F" data is min-max scaled.
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        return Image.fromarray(((array - low) * scale).astype(np.uint8), "L").convert("RGB")
+        if image.mode.startswith("I;16") or (low >= 0 and high <= 65535 and image.mode == "I"):
+            scaled = array * (255.0 / 65535.0)
+        elif image.mode == "F" and low >= 0 and high <= 1.0:
+            scaled = array * 255.0
+        else:
+            scaled = (array - low) * (255.0 / (high - low) if high > low else 0.0)
+        return Image.fromarray(np.round(scaled).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -62,10 +69,12 @@ def load_image(source: ImageInput) -> Image.Image:
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the input"
     try:
-        image = _open(source)
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels; our own limit below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _open(source)
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(f"{width}x{height}")
+            raise Image.DecompressionBombError(f"it is {width}x{height} = {width * height:,} pixels")
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         image.load()
@@ -75,7 +84,7 @@ def load_image(source: ImageInput) -> Image.Image:
         raise
     except Image.DecompressionBombError as error:
         raise ImageLoadError(
-            f"refusing {name}: it is {error} pixels, more than {MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+            f"refusing {name} as a likely decompression bomb: {error} (the limit is {MAX_IMAGE_PIXELS:,} pixels)"
         ) from error
     except UnidentifiedImageError as error:
         raise ImageLoadError(f"expected an image file (JPEG, PNG, GIF, WebP, ...), but {name} is not an image") from error
