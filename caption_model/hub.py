@@ -43,8 +43,10 @@ METRIC_NAMES = {
     "bleu_1": ("BLEU-1", "bleu"), "bleu_2": ("BLEU-2", "bleu"), "bleu_3": ("BLEU-3", "bleu"),
     "bleu_4": ("BLEU-4", "bleu"), "meteor": ("METEOR", "meteor"), "rouge_l": ("ROUGE-L", "rouge"),
     "cider": ("CIDEr", "cider"), "spice": ("SPICE", "spice"),
-    "object_f1": ("Object F1", "f1"), "pointing_accuracy": ("Pointing accuracy", "accuracy"),
+    "object_f1": ("Object F1", "f1"), "object_precision": ("Object precision", "precision"),
+    "object_recall": ("Object recall", "recall"), "pointing_accuracy": ("Pointing accuracy", "accuracy"),
 }
+NOT_METRICS = {"pointed_words", "num_images", "tp", "fp", "fn", "num_beams", "max_length", "max_eval_images"}
 
 
 class CheckpointError(ValueError):
@@ -123,18 +125,27 @@ def _metric_key(name: str) -> str:
 def read_metrics(checkpoint_dir: str | os.PathLike) -> tuple[dict[str, float], dict[str, str]]:
     """metrics.json -> ({metric_key: value}, {"dataset": ..., "split": ...}).
 
-    Accepts flat `{"bleu_4": 0.21, ...}` or per split `{"test": {"bleu_4": ...}}` (test preferred); string fields
-    `dataset` and `split` are kept as context. Non-numeric values are ignored.
+    Accepts flat `{"Bleu_4": 0.21, ...}` or per split `{"validation": {...}, "test": {...}, "eval": {"source": ..}}`
+    as train.py writes it (test preferred). Counts, NaNs and non-numbers are not metrics and are dropped.
     """
+    import math
+
     data = _read_json(Path(checkpoint_dir) / "metrics.json")
     context = {k: str(data[k]) for k in ("dataset", "split") if isinstance(data.get(k), str)}
-    splits = {k: v for k, v in data.items() if isinstance(v, dict)}
+    info = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    if isinstance(info.get("source"), str):
+        context.setdefault("dataset", info["source"])
+    splits = {k: v for k, v in data.items() if isinstance(v, dict) and k != "eval"}
     if splits:
         split = "test" if "test" in splits else next(iter(splits))
         context.setdefault("split", split)
         data = {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **splits[split]}
-    metrics = {_metric_key(k): float(v) for k, v in data.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {}
+    for name, value in data.items():
+        key = _metric_key(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and key not in NOT_METRICS:
+            metrics[key] = float(value)
     return metrics, context
 
 
@@ -160,8 +171,8 @@ def base_models(config: dict) -> list[str]:
 
 def _dataset_of(training: dict, context: dict, dataset: str | None) -> tuple[str | None, str]:
     """(Hub dataset id or None, pretty name) of the training data: --dataset, metrics.json, training_config.json."""
-    source = dataset or context.get("dataset") or training.get("dataset") or training.get("data") \
-        or training.get("preset") or ""
+    source = dataset or context.get("dataset") or training.get("source") or training.get("dataset") \
+        or training.get("data") or training.get("preset") or ""
     if isinstance(source, dict):
         source = source.get("name") or source.get("source") or ""
     source = str(source)
@@ -334,7 +345,8 @@ def _space_requirements(text: str) -> str:
 
 def stage_space_folder(out_dir: str | os.PathLike, repo_id: str, space_id: str, *, license: str = DEFAULT_LICENSE,
                        project_root: str | os.PathLike | None = None) -> list[str]:
-    """Write the Space (app.py, caption_model/, requirements.txt, README.md) into `out_dir` -> sorted file list."""
+    """Write the Space (app.py, caption_model/, examples/ if any, requirements.txt, README.md) into `out_dir`
+    -> sorted file list."""
     import gradio
     from huggingface_hub import SpaceCard, SpaceCardData
 
@@ -347,6 +359,9 @@ def stage_space_folder(out_dir: str | os.PathLike, repo_id: str, space_id: str, 
     shutil.copyfile(root / "app.py", out / "app.py")
     shutil.copytree(root / "caption_model", out / "caption_model", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
+    if (root / "examples").is_dir():  # app.py's example images
+        shutil.copytree(root / "examples", out / "examples", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", ".*"))
     (out / "requirements.txt").write_text(_space_requirements((root / "requirements.txt").read_text()))
     data = SpaceCardData(
         title="Image captions with word heatmaps", sdk="gradio", sdk_version=gradio.__version__,

@@ -23,7 +23,9 @@ from fake_hub import FakeHub, closed_port
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "alice/tiny-captioner"
 SPACE = "alice/captioner-demo"
-METRICS = {"dataset": "flickr8k", "split": "test", "bleu_1": 0.61, "bleu_4": 0.2134, "meteor": 0.2, "cider": 0.55}
+# As train.py writes it (pycocoevalcap key names).
+METRICS = {"validation": {"Bleu_4": 0.19}, "eval": {"num_beams": 3, "source": "jxie/flickr8k"},
+           "test": {"Bleu_1": 0.61, "Bleu_4": 0.2134, "METEOR": 0.2, "CIDEr": 0.55}}
 
 
 def folder_digest(folder: str | Path) -> dict[str, str]:
@@ -43,7 +45,7 @@ def checkpoint(tiny_checkpoint, tmp_path) -> Path:
     config.update(encoder_weights="IMAGENET1K_V2", decoder_name="bert-base-uncased")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "metrics.json").write_text(json.dumps(METRICS))
-    (folder / "training_config.json").write_text(json.dumps({"dataset": "jxie/flickr8k", "lr": 3e-4}))
+    (folder / "training_config.json").write_text(json.dumps({"source": "jxie/flickr8k", "lr": 3e-4}))
     generate_shapes_example(np.random.default_rng(1)).image.save(folder / "samples.png")
     return folder
 
@@ -90,6 +92,8 @@ def space_project(tmp_path, monkeypatch) -> Path:
     (root / "caption_model" / "__pycache__").mkdir()
     (root / "caption_model" / "__pycache__" / "hub.cpython-311.pyc").write_bytes(b"\0bytecode")
     (root / "app.py").write_text("import gradio as gr  # stand-in for the real app\n")
+    (root / "examples").mkdir()
+    (root / "examples" / "shapes_1.png").write_bytes(b"png bytes")
     shutil.copyfile(ROOT / "requirements.txt", root / "requirements.txt")
     monkeypatch.setattr(hub, "PROJECT_ROOT", root)
     return root
@@ -171,6 +175,7 @@ def test_space_is_deployed_with_front_matter_and_variable(checkpoint, on_fake_hu
     assert files["app.py"] == (space_project / "app.py").read_bytes()
     assert files["caption_model/hub.py"] == (space_project / "caption_model" / "hub.py").read_bytes()
     assert "caption_model/__init__.py" in files and "requirements.txt" in files
+    assert files["examples/shapes_1.png"] == b"png bytes"
     assert not [p for p in files if "__pycache__" in p or p.endswith(".pyc")]
     requirements = files["requirements.txt"].decode()
     assert "torch==" in requirements and "gradio_client" not in requirements
@@ -317,5 +322,18 @@ def test_read_metrics_accepts_flat_and_per_split(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"validation": {"BLEU-4": 0.1}, "test": {"BLEU-4": 0.2,
                                                                                              "CIDEr": 0.5}}))
     assert hub.read_metrics(tmp_path) == ({"bleu_4": 0.2, "cider": 0.5}, {"split": "test"})
-    (tmp_path / "metrics.json").write_text(json.dumps({"dataset": "shapes", "object_f1": 0.9, "ok": True}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"dataset": "shapes", "object_f1": 0.9, "ok": True,
+                                                        "pointing_accuracy": float("nan"), "pointed_words": 12}))
     assert hub.read_metrics(tmp_path) == ({"object_f1": 0.9}, {"dataset": "shapes"})
+
+
+def test_space_folder_from_the_real_project(tmp_path):
+    """The Space staged from this repository holds the real app.py, its examples and the package, nothing else."""
+    files = hub.stage_space_folder(tmp_path / "space", REPO, SPACE)
+    assert (tmp_path / "space" / "app.py").read_bytes() == (ROOT / "app.py").read_bytes()
+    assert "caption_model/modeling.py" in files and "README.md" in files and "requirements.txt" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    assert {f.split("/")[0] for f in files} <= {"app.py", "README.md", "requirements.txt", "caption_model",
+                                                 "examples"}
+    if (ROOT / "examples").is_dir():
+        assert {f"examples/{p.name}" for p in (ROOT / "examples").iterdir() if p.is_file()} <= set(files)
