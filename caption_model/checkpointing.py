@@ -1,0 +1,91 @@
+"""Atomic checkpoint folders and resumable training state, in safetensors + JSON only (no pickle).
+
+A checkpoint folder is written next to its final place and swapped in with renames, so a kill at any moment
+leaves either the old complete folder or the new complete one (`recover_checkpoint` finishes an interrupted swap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TRAINING_STATE_WEIGHTS = "training_state.safetensors"
+TRAINING_STATE_JSON = "training_state.json"
+
+
+def recover_checkpoint(final: Path) -> None:
+    """If a swap was interrupted (`final` gone, `final.old` present), put the old folder back."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
+    elif final.exists() and old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder_atomically(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(temp_dir)` then swap the temp folder into `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(final)
+    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(temp)
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(temp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict) -> None:
+    """Optimizer tensors -> training_state.safetensors; step, scheduler and the rest -> training_state.json."""
+    optimizer_state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in optimizer_state["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(folder / TRAINING_STATE_WEIGHTS))
+    payload = {
+        **state,
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+    }
+    (folder / TRAINING_STATE_JSON).write_text(json.dumps(payload, indent=2))
+
+
+def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+    """Restore what save_training_state wrote; returns the extra `state` dict (step, epoch, best score...)."""
+    weights, info = folder / TRAINING_STATE_WEIGHTS, folder / TRAINING_STATE_JSON
+    for path in (weights, info):
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume from {folder}: {path.name} is missing")
+    tensors = load_file(str(weights))
+    payload = json.loads(info.read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in payload.pop("optimizer_scalars").items():
+        state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": payload.pop("optimizer_param_groups")})
+    scheduler.load_state_dict(payload.pop("scheduler"))
+    torch.set_rng_state(tensors["rng.torch"])
+    return payload

@@ -1,0 +1,137 @@
+"""train.py end to end on a tiny shapes config: checkpoints, resume, feature cache, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from caption_model import ImageCaptioner
+
+TINY = [
+    "--preset", "shapes", "--shapes-sizes", "24,6,6", "--image-size", "64", "--encoder-stage", "layer2",
+    "--encoder-trainable", "layer2", "--hidden-size", "32", "--num-hidden-layers", "1", "--num-attention-heads", "2",
+    "--intermediate-size", "64", "--attention-dim", "32", "--tokenizer-vocab-size", "120", "--batch-size", "8",
+    "--eval-max-length", "8", "--max-eval-images", "6", "--log-every-steps", "1",
+]
+
+
+def run(tmp_path: Path, name: str, *extra: str) -> Path:
+    output = tmp_path / name
+    assert train.main(TINY + ["--output-dir", str(output), *extra]) == 0
+    return output
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path):
+    output = run(tmp_path, "run", "--epochs", "2")
+    for name in ("best", "last"):
+        folder = output / name
+        assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.json"} <= {
+            p.name for p in folder.iterdir()}
+        assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in folder.iterdir())
+    assert json.loads((output / "best" / "training_config.json").read_text())["image_size"] == 64
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert {"object_f1", "pointing_accuracy"} <= set(metrics["test"]) and "validation" in metrics
+    for plot in ("loss_curve.png", "samples.png"):
+        assert (output / plot).stat().st_size > 1000
+    model = ImageCaptioner.from_pretrained(str(output / "best"))
+    assert model.grid_size == (8, 8)
+    losses = [r["loss"] for r in read_log(output) if "loss" in r]
+    assert len(losses) == 6  # 24 images / batch 8 = 3 steps per epoch, 2 epochs
+
+
+def test_feature_cache_is_hit_on_second_epoch_and_rebuilt_when_encoder_changes(tmp_path):
+    cache_dir = tmp_path / "cache"
+    output = run(tmp_path, "a", "--epochs", "2", "--cache-dir", str(cache_dir))
+    counts = [r for r in read_log(output) if "cache_hits" in r]
+    assert [(r["cache_misses"], r["cache_hits"]) for r in counts] == [(24, 0), (24, 24)]
+    assert len(list(cache_dir.iterdir())) == 1  # one encoder signature
+    # Same encoder config again (same seed => same random frozen weights): every image is a hit at once.
+    output = run(tmp_path, "b", "--epochs", "1", "--cache-dir", str(cache_dir))
+    assert [(r["cache_misses"], r["cache_hits"]) for r in read_log(output) if "cache_hits" in r] == [(0, 24)]
+    # A different input size changes what the frozen layers compute: a new, empty cache.
+    output = run(tmp_path, "c", "--epochs", "1", "--cache-dir", str(cache_dir), "--image-size", "96")
+    assert [(r["cache_misses"], r["cache_hits"]) for r in read_log(output) if "cache_hits" in r] == [(24, 0)]
+    assert len(list(cache_dir.iterdir())) == 2
+
+
+def test_kill_and_resume_continues_at_the_same_step_with_the_same_state(tmp_path, monkeypatch):
+    straight = run(tmp_path, "straight", "--max-steps", "5", "--save-every-steps", "2")
+
+    class Killed(Exception):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(folder, *args, **kwargs):
+        real_save(folder, *args, **kwargs)
+        if Path(folder).name == "last" and kwargs.get("state", {}).get("step") == 2:
+            raise Killed  # the process dies right after writing last/ at step 2 (mid-epoch: 3 steps per epoch)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path, "killed", "--max-steps", "5", "--save-every-steps", "2")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    killed = tmp_path / "killed"
+    state = json.loads((killed / "last" / "training_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_done"]) == (2, 0, 2)
+    saved_optimizer = load_file(str(killed / "last" / "training_state.safetensors"))
+
+    # Resuming restores exactly the optimizer state that was saved ...
+    cfg, _ = train.parse_args(TINY + ["--output-dir", str(killed), "--max-steps", "5"])
+    model = ImageCaptioner.from_pretrained(str(killed / "last"))
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    restored = train.load_training_state(killed / "last", optimizer, scheduler)
+    assert restored["step"] == 2
+    for param_id, param_state in optimizer.state_dict()["state"].items():
+        for name, value in param_state.items():
+            assert torch.equal(value, saved_optimizer[f"optimizer.{param_id}.{name}"])
+
+    # ... and finishing the run lands on the same weights as the run that was never interrupted.
+    run(tmp_path, "killed", "--max-steps", "5", "--save-every-steps", "2", "--resume")
+    resumed_losses = {r["step"]: r["loss"] for r in read_log(killed) if "loss" in r}
+    straight_losses = {r["step"]: r["loss"] for r in read_log(straight) if "loss" in r}
+    assert list(resumed_losses) == [1, 2, 3, 4, 5]
+    assert resumed_losses == pytest.approx(straight_losses, abs=1e-5)
+    a = load_file(str(straight / "last" / "model.safetensors"))
+    b = load_file(str(killed / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # Equal up to float noise (oneDNN kernels); a wrong step, schedule or optimizer state moves weights by >5e-4.
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+def test_resume_without_checkpoint_says_what_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint to resume from"):
+        train.main(TINY + ["--output-dir", str(tmp_path / "none"), "--resume"])
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, capsys):
+    assert train.main(TINY + ["--output-dir", str(tmp_path / "nan"), "--lr", "1e30", "--lr-encoder", "1e30",
+                              "--lr-decoder", "1e30", "--max-grad-norm", "0", "--epochs", "3"]) == 2
+    assert "non-finite loss" in capsys.readouterr().err
+
+
+def test_every_preset_field_can_be_overridden_from_the_command_line():
+    cfg, _ = train.parse_args(["--preset", "flickr8k-small", "--epochs", "3", "--decoder", "none",
+                               "--encoder-trainable", "layer4", "--feature-cache", "false", "--lr", "0.01"])
+    assert (cfg.epochs, cfg.decoder, cfg.encoder_trainable, cfg.feature_cache, cfg.lr) == (3, None, ["layer4"],
+                                                                                           False, 0.01)
+    assert cfg.source == "jxie/flickr8k" and cfg.batch_size == 64  # the rest comes from the preset
+
+
+def test_eval_only_prints_metrics_of_a_checkpoint(tmp_path, capsys):
+    output = run(tmp_path, "run", "--epochs", "1")
+    capsys.readouterr()
+    assert train.main(TINY + ["--eval-only", "--model", str(output / "best"), "--split", "validation"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])
+    assert printed["split"] == "validation" and 0.0 <= printed["object_f1"] <= 1.0
