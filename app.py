@@ -322,7 +322,9 @@ def create_demo(captioner: ImageCaptioner, model_id: str = "unnamed model") -> g
                     elem_id="overlay",
                 )
                 opacity = gr.Slider(0.1, 0.9, value=0.5, step=0.05, label="Heatmap opacity")
-        gallery = gr.Gallery(label="Every word's heatmap", columns=6, height="auto", elem_id="gallery")
+        gallery = gr.Gallery(
+            label="Every word's heatmap", columns=6, height="auto", object_fit="contain", elem_id="gallery"
+        )
         with gr.Accordion("Heatmap data (JSON, as returned by the /caption API)", open=False):
             data = gr.JSON(label="Caption data")
         state = gr.State(None, time_to_live=1800)

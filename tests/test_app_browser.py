@@ -1,0 +1,117 @@
+"""The app in a real headless browser (Debian chromium driven by Playwright): upload, caption, pick a word, see its
+overlay; bad input gets a readable message. Saves test-artifacts/app_browser.png."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from app_helpers import ROOT, serve
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+import app
+from caption_model.heatmap import overlay
+from caption_model.images import load_image
+
+pytestmark = pytest.mark.timeout(600)
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SCREENSHOT = ROOT / "test-artifacts" / "app_browser.png"
+TIMEOUT_MS = 120_000  # a shared 2-core machine can be slow; waits end as soon as the page is ready
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint):
+    return app.load_captioner(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(captioner, tiny_checkpoint):
+    with serve(app.create_app(captioner, model_id=tiny_checkpoint)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (scripts/ensure_chromium.sh)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server + "/", wait_until="load")
+        page.wait_for_selector("#run-button")
+        yield page
+        browser.close()
+
+
+def fetch_image(page, locator) -> np.ndarray:
+    """The picture an <img> shows, fetched from the server as the browser would."""
+    source = locator.get_attribute("src")
+    body = page.request.get(source).body()
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
+
+
+def test_upload_caption_pick_a_word_and_see_its_overlay(page, captioner, tiny_checkpoint):
+    expect(page.locator("#footer-model")).to_contain_text(tiny_checkpoint)
+
+    # nothing uploaded yet: a message, not a crash
+    page.locator("#run-button").click()
+    expect(page.locator("[data-testid='toast-body']")).to_contain_text("No image yet")
+    page.locator("[data-testid='toast-close']").first.click()  # keep the screenshot clear
+    expect(page.locator("[data-testid='toast-body']")).to_have_count(0)
+
+    for source in ("Upload file", "Capture from camera", "Paste from clipboard"):  # upload, webcam, clipboard
+        expect(page.locator(f"#input-image button[aria-label='{source}']")).to_be_visible()
+
+    image_path = ROOT / "examples" / "shapes_33.png"
+    page.locator("#input-image input[type=file]").set_input_files(str(image_path))
+    expect(page.locator("#input-image img").first).to_be_visible()
+    page.locator("#run-button").click()
+
+    expected = captioner.caption(image_path, num_beams=3, max_length=30)  # the UI's default decoding
+    expect(page.locator("#caption textarea")).to_have_value(expected.text)
+    labels = page.locator("#word-picker label")
+    expect(labels).to_have_count(len(expected.words))
+    assert [text.strip() for text in labels.all_inner_texts()] == expected.words
+
+    # one overlay per word in the gallery
+    expect(page.locator("#gallery img")).to_have_count(len(expected.words))
+
+    # pick a word: the overlay shows that word's heatmap, exactly as caption_model.heatmap draws it
+    overlay_img = page.locator("#overlay img").first
+    first_src = overlay_img.get_attribute("src")
+    index = next(i for i, w in enumerate(expected.words) if i != app._default_word(expected.words))
+    labels.nth(index).click()
+    expect(page.locator("#overlay")).to_contain_text(f'Where the model looked for "{expected.words[index]}"')
+    expect(overlay_img).not_to_have_attribute("src", first_src)
+    shown = fetch_image(page, overlay_img)
+    drawn = np.asarray(overlay(load_image(image_path), expected.attention[index], alpha=0.5), dtype=np.int16)
+    assert shown.shape == drawn.shape and np.abs(shown - drawn).max() <= 1
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_a_bad_file_gets_a_readable_message_and_the_page_keeps_working(page, captioner, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is a text file, not a picture\n" * 20)
+    page.locator("#input-image button[aria-label='Remove Image']").first.click()
+    page.locator("#input-image input[type=file]").set_input_files(str(bad))
+    page.locator("#run-button").click()
+    expect(page.locator("[data-testid='toast-body']")).to_contain_text("not an image")
+    expect(page.locator("[data-testid='toast-body']")).to_contain_text("notes.png")
+
+    page.locator("#input-image button[aria-label='Remove Image']").first.click()
+    page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "examples" / "shapes_9.png"))
+    expect(page.locator("#input-image img").first).to_be_visible()
+    page.locator("#caption textarea").evaluate("el => { el.value = ''; }")  # so the next value is the new run's
+    page.locator("#run-button").click()
+    expected = captioner.caption(ROOT / "examples" / "shapes_9.png", num_beams=3, max_length=30)
+    expect(page.locator("#caption textarea")).to_have_value(expected.text)
