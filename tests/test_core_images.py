@@ -66,8 +66,9 @@ def test_caption_model_sees_the_upright_image(tiny_trained_captioner, tmp_path):
     a, b = model.preprocess([rotated_path, plain_path])
     wrong = model.preprocess([stored])[0]
     assert (a - b).abs().mean() < 0.1 < (a - wrong).abs().mean()
-    cap_rotated, cap_plain = model.caption(rotated_path, num_beams=1, max_length=8), model.caption(plain_path, num_beams=1, max_length=8)
-    assert cap_rotated.words and cap_rotated.attention.shape[1:] == model.grid_size
+    cap = model.caption(rotated_path, num_beams=1, max_length=8)
+    assert cap.attention.shape == (len(cap.words), *model.grid_size)
+    assert cap.token_ids == model.caption(load_image(rotated_path), num_beams=1, max_length=8).token_ids
 
 
 # --- modes -> RGB ----------------------------------------------------------------------------------------------
