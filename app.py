@@ -173,18 +173,24 @@ def caption_payload(result: Caption, image_size: tuple[int, int], model_id: str)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class UploadedImage(gr.Image):
-    """gr.Image that passes the uploaded file's path through untouched, so load_image (not Gradio) decides what
-    is an image and the user sees why a file is refused."""
+def uploaded_image(**kwargs: Any) -> gr.Image:
+    """gr.Image whose handler gets the uploaded file's path untouched, so load_image (not Gradio's own PIL.open)
+    decides what is an image and the user sees why a file is refused.
 
-    is_template = True  # reuse the built-in Image frontend
+    Patched on the instance: subclassing a Gradio component makes Gradio write an app.pyi next to app.py.
+    """
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    standard = image.preprocess
 
-    def preprocess(self, payload: Any) -> str | None:
+    def preprocess(payload: Any) -> str | None:
         if payload is None:
             return None
         if payload.path is None or (payload.url or "").startswith("data:"):
-            return super().preprocess(payload)  # data URL: Gradio decodes it to a temp file
+            return standard(payload)  # data URL: Gradio decodes it to a temp file
         return str(payload.path)
+
+    image.preprocess = preprocess  # type: ignore[method-assign]
+    return image
 
 
 @dataclass
@@ -285,10 +291,8 @@ def create_demo(captioner: ImageCaptioner, model_id: str = "unnamed model") -> g
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = UploadedImage(
+                image = uploaded_image(
                     label="Image",
-                    type="filepath",
-                    image_mode=None,
                     sources=["upload", "clipboard", "webcam"],
                     height=360,
                     elem_id="input-image",

@@ -297,3 +297,20 @@ def test_int8_model_still_captions(tiny_checkpoint):
     quantized = app.load_captioner(tiny_checkpoint, int8=True)
     result = quantized.caption(ROOT / "examples" / "shapes_24.png", num_beams=1)
     assert result.text and result.attention.shape[0] == len(result.words)
+
+
+def test_train_py_offers_the_fallback_app_expects():
+    import inspect
+
+    import train
+
+    inspect.signature(train.train_preset).bind("shapes", output_dir=Path("checkpoints/shapes"))
+
+
+def test_serving_writes_only_to_temp_dirs(client, tmp_path):
+    import tempfile
+
+    client.predict(handle_file(str(shapes_png(tmp_path))), api_name="/caption")
+    assert not list(ROOT.glob("*.pyi"))  # Gradio writes one next to a module that subclasses a component
+    cache = Path(gr.utils.get_upload_folder()).resolve()
+    assert cache.is_relative_to(Path(tempfile.gettempdir()).resolve())
