@@ -72,6 +72,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     attention_penalty: float = 1.0
     context_loss_weight: float = 0.5  # grounding aid: also predict each word from its attended context alone
+    all_captions: bool = False  # train on every caption of an image per step (image encoded once) vs one random
     feature_cache: bool = True  # cache the frozen encoder part's output on disk
     cache_dir: str | None = None  # default: <output_dir>/feature_cache
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
@@ -99,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    encoder_trainable=["layer3"], hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=512, attention_dim=256, max_position_embeddings=40, tokenizer_vocab_size=200,
                    epochs=6, batch_size=32, lr=1e-3, lr_decoder=1e-3, lr_encoder=5e-4, warmup_ratio=0.05,
-                   eval_beams=1, eval_max_length=24, max_eval_images=200, dropout=0.0),
+                   eval_beams=1, eval_max_length=24, max_eval_images=200, dropout=0.0, all_captions=True),
 }
 
 
@@ -213,25 +214,34 @@ def load_data(cfg: TrainConfig):
 
 
 class CaptionBatches:
-    """Collate rows -> model inputs: one random caption per image, images as cached features or pixels."""
+    """Collate rows -> model inputs. Images become cached frozen features (`image_features`) or `pixel_values`;
+    captions are one random caption per image, or with `all_captions` every caption, the image encoded once
+    (`image_index` says which image each caption reads)."""
 
-    def __init__(self, model: ImageCaptioner, cache, max_tokens: int, seed: int):
+    def __init__(self, model: ImageCaptioner, cache, max_tokens: int, seed: int, all_captions: bool = False):
         from caption_model.data import CaptionCollator
         from caption_model.feature_cache import decode_image
 
-        self.cache = cache
-        images_to_inputs = cache.get if cache is not None else (lambda ims: model.preprocess([decode_image(i) for i in ims]))
-        self.collator = CaptionCollator(model.tokenizer, max_tokens, images_to_inputs, seed=seed)
-
-        self.epoch_seed = seed
+        self.cache, self.all_captions, self.epoch_seed = cache, all_captions, seed
+        self.images_to_inputs = cache.get if cache is not None else (
+            lambda images: model.preprocess([decode_image(i) for i in images]))
+        self.collator = CaptionCollator(model.tokenizer, max_tokens, self.images_to_inputs, seed=seed)
 
     def __call__(self, rows: list[dict]) -> dict:
+        image_key = "image_features" if self.cache is not None else "pixel_values"
+        if self.all_captions:
+            captions = [c for row in rows for c in row["captions"]]
+            enc = self.collator.tokenizer(captions, padding="longest", truncation=True,
+                                          max_length=self.collator.max_length, return_tensors="pt")
+            return {image_key: self.images_to_inputs([row["image"] for row in rows]),  # (I, ...)
+                    "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (N, T)
+                    "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100),
+                    "image_index": torch.tensor([i for i, row in enumerate(rows) for _ in row["captions"]])}
         # The caption drawn for an image depends only on (seed, epoch, batch): a resumed run draws the same ones.
         ids = "\x00".join(str(row["image_id"]) for row in rows)
         self.collator.rng.seed(zlib.crc32(f"{self.epoch_seed}:{ids}".encode()))
         batch = self.collator(rows)
-        key = "image_features" if self.cache is not None else "pixel_values"
-        return {key: batch["pixel_values"], "input_ids": batch["input_ids"],
+        return {image_key: batch["pixel_values"], "input_ids": batch["input_ids"],
                 "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
 
 
@@ -318,7 +328,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         from caption_model.feature_cache import FeatureCache
 
         cache = FeatureCache(cfg.cache_dir or output / "feature_cache", model)
-    collate = CaptionBatches(model, cache, max_tokens=cfg.max_caption_words + 2, seed=cfg.seed)
+    collate = CaptionBatches(model, cache, max_tokens=cfg.max_caption_words + 2, seed=cfg.seed,
+                             all_captions=cfg.all_captions)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
     P = accelerator.num_processes
     steps_per_epoch = math.ceil(math.ceil(len(data["train"]) / (cfg.batch_size * P)) / cfg.gradient_accumulation_steps)
@@ -370,7 +381,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 scheduler.step()
                 optimizer.zero_grad()
             state["batches_done"] = batch_index + 1
-            images_seen += batch["input_ids"].shape[0]
+            images_seen += batch["image_features" if "image_features" in batch else "pixel_values"].shape[0]
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
