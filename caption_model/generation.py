@@ -54,6 +54,7 @@ class DecoderState:
                                    _rows(_heads(attention.value(visual), attention), num_beams)))
         bos = model.config.bos_token_id
         N = self.visual.shape[0]
+        self.banned = banned_token_ids(model)  # never part of a caption: [PAD], [CLS], [UNK], [MASK]
         self.input_ids = torch.full((N, 1), bos, dtype=torch.long, device=visual.device)  # (N, 1)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +65,9 @@ class DecoderState:
         else:  # reference path: recompute the whole prefix every step
             hidden, _ = decoder.hidden_states(self.input_ids, self.visual)
         fused, alpha, _ = decoder.head(hidden[:, -1:], self.keys, self.visual)  # (N, 1, D), (N, 1, P)
-        logits = decoder.vocab_logits(fused[:, 0])  # (N, V)
-        return logits.float().log_softmax(dim=-1), alpha[:, 0]
+        logits = decoder.vocab_logits(fused[:, 0]).float()  # (N, V)
+        logits[:, self.banned] = float("-inf")
+        return logits.log_softmax(dim=-1), alpha[:, 0]
 
     def _cached_hidden(self) -> torch.Tensor:
         """The last token of every row through the decoder with the KV cache -> its hidden state (N, 1, D).
@@ -103,6 +105,18 @@ class DecoderState:
         if self.cache is not None:
             # Cross-attention keys/values are the same for every beam of an image: only self-attention moves.
             self.cache = [[k.index_select(0, rows), v.index_select(0, rows)] for k, v in self.cache]
+
+
+def banned_token_ids(model: "ImageCaptioner") -> list[int]:
+    """Special tokens a caption never contains ([SEP] ends it, so it is allowed): [PAD], [CLS], [UNK], [MASK]."""
+    cfg, tokenizer = model.config, model.tokenizer
+    ids = {cfg.pad_token_id, cfg.bos_token_id}
+    for name in ("unk_token_id", "mask_token_id"):
+        token_id = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if token_id is not None and token_id < cfg.vocab_size:
+            ids.add(token_id)
+    ids.discard(cfg.eos_token_id)
+    return sorted(ids)
 
 
 def _rows(x: torch.Tensor, num_beams: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from caption_model import Caption
 from caption_model.generation import beam_search, greedy_search, merge_wordpieces
 from caption_model.shapes import generate_shapes_example
+from conftest import build_tiny_captioner
 
 MAX_LEN = 16
 
@@ -270,3 +271,17 @@ def test_merge_wordpieces_merges_pieces_and_renormalises_their_maps():
     np.testing.assert_allclose(merged, np.full((1, 2, 2), 0.25))
     words, merged = merge_wordpieces([], np.zeros((0, 2, 3)))
     assert words == [] and merged.shape == (0, 2, 3)
+
+
+def test_special_tokens_are_never_generated(shapes_image):
+    """Even a model that prefers [UNK]/[MASK]/[PAD]/[CLS] above all else never puts them in a caption."""
+    model = build_tiny_captioner(seed=3)
+    tokenizer = model.tokenizer
+    banned = [tokenizer.unk_token_id, tokenizer.mask_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id]
+    with torch.no_grad():
+        model.decoder.output_bias[banned] = 100.0
+    for beams in (1, 3):
+        for use_cache in (True, False):
+            caption = model.caption(shapes_image, num_beams=beams, max_length=6, use_cache=use_cache)
+            assert not set(caption.token_ids) & set(banned)
+            assert not any(word.startswith("[") for word in caption.words)
