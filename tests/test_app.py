@@ -58,11 +58,14 @@ def shapes_png(tmp_path: Path) -> Path:
     return path
 
 
-def assert_caption_data(data: dict, caption: str, grid: tuple[int, int]) -> None:
+def assert_caption_data(data: dict, caption: str, grid: tuple[int, int], nonempty: bool = True) -> None:
     """The JSON a program gets: words, grid size and one normalised map per word."""
-    assert data["caption"] == caption and caption.strip()
-    assert data["words"] and " ".join(data["words"]) == caption
+    assert data["caption"] == caption and " ".join(data["words"]) == caption
+    assert bool(data["words"]) or not nonempty, "an in-distribution image should get words"
     assert data["grid_size"] == list(grid)
+    if not data["words"]:
+        assert data["attention"] == []
+        return
     attention = np.asarray(data["attention"], dtype=np.float64)
     assert attention.shape == (len(data["words"]), *grid)
     np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, atol=1e-3)
@@ -144,10 +147,11 @@ def test_client_gets_a_clear_error_for_bad_files_then_still_works(client, name, 
     assert caption and data["words"]
 
 
-def test_client_captions_every_kind_of_image_over_the_wire(client, files):
+def test_client_captions_every_kind_of_image_over_the_wire(client, files, captioner):
+    # noise images: a tiny shapes model may well answer with no words; the answer must still be complete
     for name in ("cmyk.jpg", "animated.gif", "exif_rotated.jpg", "large.jpg"):
         caption, data = client.predict(handle_file(str(files[name])), "greedy", api_name="/caption")
-        assert caption and len(data["attention"]) == len(data["words"]), name
+        assert_caption_data(data, caption, captioner.grid_size, nonempty=False)
     assert data["image_size"] == [4000, 3000]
 
 
@@ -165,7 +169,7 @@ def test_small_load_run_all_requests_succeed(server, tmp_path):
 @pytest.mark.parametrize("name", list(good_images()))
 def test_handler_captions_any_readable_image(ui, files, name, captioner):
     text, data, state = ui.caption(str(files[name]), "greedy", 1, 20, 1.0)
-    assert_caption_data(data, text, captioner.grid_size)
+    assert_caption_data(data, text, captioner.grid_size, nonempty=False)  # noise: maybe no words
     upright = Image.open(files[name])
     expected = (upright.height, upright.width) if name == "exif_rotated.jpg" else upright.size
     assert tuple(data["image_size"]) == expected
@@ -314,3 +318,15 @@ def test_serving_writes_only_to_temp_dirs(client, tmp_path):
     assert not list(ROOT.glob("*.pyi"))  # Gradio writes one next to a module that subclasses a component
     cache = Path(gr.utils.get_upload_folder()).resolve()
     assert cache.is_relative_to(Path(tempfile.gettempdir()).resolve())
+
+
+def test_an_empty_caption_is_shown_not_crashed_on(ui, tmp_path, monkeypatch, captioner):
+    from caption_model import Caption
+
+    empty = Caption(text="", words=[], attention=np.zeros((0, *captioner.grid_size), np.float32), score=-9.0)
+    monkeypatch.setattr(ui.service.captioner, "caption", lambda *a, **k: empty)
+    text, data, state = ui.caption(str(shapes_png(tmp_path)), "beam", 3, 30, 1.0)
+    assert text == "" and data["words"] == [] and data["attention"] == []
+    assert data["grid_size"] == list(captioner.grid_size)
+    picker, heatmap, gallery = ui.show_result(state, 0.5)
+    assert picker.choices == [] and heatmap.value is None and gallery == []
