@@ -65,9 +65,9 @@ class DecoderState:
         else:  # reference path: recompute the whole prefix every step
             hidden, _ = decoder.hidden_states(self.input_ids, self.visual)
         fused, alpha, _ = decoder.head(hidden[:, -1:], self.keys, self.visual)  # (N, 1, D), (N, 1, P)
-        logits = decoder.vocab_logits(fused[:, 0]).float()  # (N, V)
-        logits[:, self.banned] = float("-inf")
-        return logits.log_softmax(dim=-1), alpha[:, 0]
+        logprobs = decoder.vocab_logits(fused[:, 0]).float().log_softmax(dim=-1)  # (N, V)
+        logprobs[:, self.banned] = float("-inf")  # masked after normalising: scores stay the model's log-probs
+        return logprobs, alpha[:, 0]
 
     def _cached_hidden(self) -> torch.Tensor:
         """The last token of every row through the decoder with the KV cache -> its hidden state (N, 1, D).
