@@ -503,6 +503,16 @@ def check_write_access(api, repo_ids: list[str], endpoint: str) -> str:
     return user
 
 
+def _check_inputs(checkpoint_dir, repo_id: str, space_id: str | None, log: Callable[[str], None]) -> None:
+    """Repo ids well formed, checkpoint complete and able to caption a test image: before any network call."""
+    _check_repo_id(repo_id, "--repo-id")
+    if space_id:
+        _check_repo_id(space_id, "--space")
+    check_checkpoint(checkpoint_dir)
+    caption = smoke_test(checkpoint_dir)
+    log(f"checkpoint OK: {checkpoint_dir} captions a test image as {caption.text!r}")
+
+
 def publish(checkpoint_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
             commit_message: str = "Upload image captioner", revision: str | None = None,
             space_id: str | None = None, license: str = DEFAULT_LICENSE, dataset: str | None = None,
@@ -511,12 +521,7 @@ def publish(checkpoint_dir: str | os.PathLike, repo_id: str, *, private: bool = 
     """Check + smoke-test the checkpoint, then upload it (and the Space) in one commit per repo."""
     from huggingface_hub import HfApi
 
-    _check_repo_id(repo_id, "--repo-id")
-    if space_id:
-        _check_repo_id(space_id, "--space")
-    check_checkpoint(checkpoint_dir)
-    caption = smoke_test(checkpoint_dir)
-    log(f"checkpoint OK: {checkpoint_dir} captions a test image as {caption.text!r}")
+    _check_inputs(checkpoint_dir, repo_id, space_id, log)
 
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
@@ -566,12 +571,7 @@ def dry_run(checkpoint_dir: str | os.PathLike, repo_id: str, out_dir: str | os.P
             space_id: str | None = None, license: str = DEFAULT_LICENSE, dataset: str | None = None,
             log: Callable[[str], None] = print) -> Path:
     """Write what publish() would upload into `out_dir` (model/ and, with a Space, space/); no network."""
-    _check_repo_id(repo_id, "--repo-id")
-    if space_id:
-        _check_repo_id(space_id, "--space")
-    check_checkpoint(checkpoint_dir)
-    caption = smoke_test(checkpoint_dir)
-    log(f"checkpoint OK: {checkpoint_dir} captions a test image as {caption.text!r}")
+    _check_inputs(checkpoint_dir, repo_id, space_id, log)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="push_to_hub_dry_run_"))
     if out.exists() and any(out.iterdir()):
         raise PublishError(f"--dry-run-dir {out} is not empty; give a new or empty folder")
