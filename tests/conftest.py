@@ -74,6 +74,12 @@ def tiny_checkpoint(tiny_trained_captioner, tmp_path_factory) -> str:
     return str(folder)
 
 
+def shapes_images(count: int, seed: int) -> list:
+    """`count` generated shapes images from generator seed `seed`."""
+    rng = np.random.default_rng(seed)
+    return [generate_shapes_example(rng).image for _ in range(count)]
+
+
 @pytest.fixture
 def shapes_image():
     return generate_shapes_example(np.random.default_rng(7)).image

@@ -8,16 +8,14 @@ import torch
 
 from caption_model import Caption
 from caption_model.generation import beam_search, greedy_search, merge_wordpieces
-from caption_model.shapes import generate_shapes_example
-from conftest import build_tiny_captioner
+from conftest import build_tiny_captioner, shapes_images
 
 MAX_LEN = 16
 
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(2024)
-    return [generate_shapes_example(rng).image for _ in range(6)]
+    return shapes_images(6, seed=2024)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from caption_model import ImageCaptioner
 from caption_model.generation import DecoderState, beam_search, greedy_search
 from caption_model.shapes import generate_shapes_example
+from conftest import shapes_images
 
 MAX_LEN = 20
 
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(606)
-    return [generate_shapes_example(rng).image for _ in range(40)]
+    return shapes_images(40, seed=606)
 
 
 @pytest.fixture(scope="module")
