@@ -165,6 +165,7 @@ def model_config(cfg: TrainConfig) -> CaptionerConfig:
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
         attention_dim=cfg.attention_dim, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
         fusion_dropout=cfg.dropout, label_smoothing=cfg.label_smoothing, attention_penalty=cfg.attention_penalty,
+        grounded_heatmaps=cfg.context_loss_weight > 0,  # the evidence comes from the context-only head
     )
 
 

@@ -39,6 +39,9 @@ class CaptionerConfig:
     # --- fusion head (additive attention -> per-word heatmap) ---
     attention_dim: int = 512  # width of the additive (Bahdanau) attention scorer
     fusion_dropout: float = 0.1  # dropout on [h_t; c_t] before the fusion MLP
+    # Per-word heatmaps weighted by word evidence: alpha_t(p) * exp(score of word t from cell p's context alone).
+    # Needs the context-only head trained (train.py's context loss); False: the raw attention alpha_t.
+    grounded_heatmaps: bool = True
 
     # --- loss ---
     label_smoothing: float = 0.1  # token cross-entropy label smoothing

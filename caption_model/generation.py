@@ -265,6 +265,8 @@ def caption_images(model: "ImageCaptioner", images: Sequence, num_beams: int = 3
                 ids, alphas, sums, lengths = greedy_search(model, visual, max_length, use_cache)
             else:
                 ids, alphas, sums, lengths = beam_search(model, visual, num_beams, max_length, length_penalty, use_cache)
+            if model.config.grounded_heatmaps:
+                alphas = model.decoder.ground_attention(alphas, visual, ids)  # (B, L, P)
         return [to_caption(model, ids[i], alphas[i], sums[i].item(), lengths[i].item()) for i in range(len(images))]
     finally:
         model.train(was_training)

@@ -98,7 +98,7 @@ def test_client_api_lists_only_the_caption_endpoint(client):
 def test_health_names_the_model(server, tiny_checkpoint):
     response = httpx.get(server + "/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "model": tiny_checkpoint}
+    assert response.json() == {"status": "ok", "model": tiny_checkpoint, "precision": "int8"}
 
 
 def test_predict_returns_the_greedy_caption(server, captioner, tmp_path):
@@ -297,10 +297,19 @@ def test_start_up_errors_say_what_was_expected(tmp_path, monkeypatch):
         app.main(["--model", str(tmp_path / "missing")])
 
 
-def test_int8_model_still_captions(tiny_checkpoint):
-    quantized = app.load_captioner(tiny_checkpoint, int8=True)
-    result = quantized.caption(ROOT / "examples" / "shapes_24.png", num_beams=1)
-    assert result.text and result.attention.shape[0] == len(result.words)
+def test_app_serves_the_fast_mode_unless_fp32_is_asked(tiny_checkpoint):
+    """Default: int8 decoder (the fast CPU path); --precision fp32 keeps the trained weights as they are."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    quantized = app.load_captioner(tiny_checkpoint)
+    exact = app.load_captioner(tiny_checkpoint, int8=False)
+    assert quantized.quantized and not exact.quantized
+    assert any(isinstance(m, DynamicLinear) for m in quantized.decoder.modules())
+    assert not any(isinstance(m, DynamicLinear) for m in exact.decoder.modules())
+    image = ROOT / "examples" / "shapes_24.png"
+    fast, reference = quantized.caption(image, num_beams=1), exact.caption(image, num_beams=1)
+    assert fast.text and fast.attention.shape[0] == len(fast.words)
+    assert reference.text and reference.attention.shape[0] == len(reference.words)
 
 
 def test_train_py_offers_the_fallback_app_expects():

@@ -236,19 +236,63 @@ def test_attention_maps_differ_between_words(greedy_caps, beam_caps):
         assert len({tuple(np.round(m, 4)) for m in maps}) > 1
 
 
-def test_attention_comes_from_the_decoding_steps(tiny_trained_captioner, images, greedy_caps):
-    """The map of word k is the additive attention of the step that produced it (teacher-forced recomputation)."""
-    model = tiny_trained_captioner
+def _teacher_forced_maps(model, image, cap, grounded: bool) -> tuple[list[str], np.ndarray]:
+    """Per-word maps recomputed by a full forward: the step's additive attention, grounded or raw."""
     cfg = model.config
     gh, gw = model.grid_size
+    ids = torch.tensor([[cfg.bos_token_id] + cap.token_ids])
+    with torch.no_grad():
+        pixels = model.preprocess([image])
+        alpha = model(pixel_values=pixels, input_ids=ids).attention[:, : len(cap.token_ids)]  # (1, T, P)
+        if grounded:
+            alpha = model.decoder.ground_attention(alpha, model.encode(pixels), ids[:, 1:])
+    pieces = model.tokenizer.convert_ids_to_tokens(cap.token_ids)
+    return merge_wordpieces(pieces, alpha[0].numpy().reshape(-1, gh, gw))
+
+
+def test_attention_comes_from_the_decoding_steps(tiny_trained_captioner, images, greedy_caps):
+    """The map of word k is the additive attention of the step that produced it, weighted by the evidence for
+    word k (grounded_heatmaps, the default), or that attention alone."""
+    model = tiny_trained_captioner
+    assert model.config.grounded_heatmaps
     for image, cap in zip(images[:2], greedy_caps[:2]):
-        ids = torch.tensor([[cfg.bos_token_id] + cap.token_ids])
-        with torch.no_grad():
-            alpha = model(pixel_values=model.preprocess([image]), input_ids=ids).attention[0]  # (T, P)
-        pieces = model.tokenizer.convert_ids_to_tokens(cap.token_ids)
-        words, maps = merge_wordpieces(pieces, alpha[: len(cap.token_ids)].numpy().reshape(-1, gh, gw))
+        words, maps = _teacher_forced_maps(model, image, cap, grounded=True)
         assert words == cap.words
         np.testing.assert_allclose(maps, cap.attention, atol=1e-5)
+    model.config.grounded_heatmaps = False
+    try:
+        raw_caps = model.caption_batch(images[:2], num_beams=1, max_length=MAX_LEN)
+    finally:
+        model.config.grounded_heatmaps = True
+    for image, cap, raw in zip(images[:2], greedy_caps[:2], raw_caps):
+        assert raw.token_ids == cap.token_ids  # grounding changes the maps, never the words
+        words, maps = _teacher_forced_maps(model, image, cap, grounded=False)
+        np.testing.assert_allclose(maps, raw.attention, atol=1e-5)
+        assert not np.allclose(raw.attention, cap.attention, atol=1e-3)
+
+
+def test_grounding_moves_a_map_to_the_cell_that_explains_the_word():
+    """map_t(p) = alpha_t(p) exp(s_p(w_t)) / sum: attention split over two cells goes to the one whose context
+    scores the chosen word higher; no evidence leaves alpha as it is."""
+    model = build_tiny_captioner().eval()
+    decoder, D = model.decoder, model.config.hidden_size
+    P = 4
+    visual = torch.randn(1, P, D)
+    cells = decoder.head.context_proj(visual).detach()  # (1, P, D)
+    word = 7
+    with torch.no_grad():  # word 7's embedding agrees with cell 2's context more than with cell 0's
+        decoder.bert.embeddings.word_embeddings.weight[word] = 3.0 * (cells[0, 2] - cells[0, 0]) / D ** 0.5
+    alpha = torch.tensor([[[0.5, 0.0, 0.5, 0.0]]])  # (1, 1, P): split between cells 0 and 2
+    with torch.no_grad():
+        grounded = decoder.ground_attention(alpha, visual, torch.tensor([[word]]))  # (1, 1, P)
+        scores = decoder.bert.embeddings.word_embeddings.weight[word] @ cells[0].T  # (P,)
+    expected = alpha[0, 0] * scores.exp()
+    torch.testing.assert_close(grounded[0, 0], expected / expected.sum(), atol=1e-6, rtol=1e-5)
+    assert grounded[0, 0, 2] > 0.9 and grounded[0, 0, [1, 3]].sum() < 1e-6  # no mass where alpha had none
+    with torch.no_grad():
+        decoder.bert.embeddings.word_embeddings.weight[word] = 0.0  # the same score everywhere
+        unchanged = decoder.ground_attention(alpha, visual, torch.tensor([[word]]))
+    torch.testing.assert_close(unchanged, alpha)
 
 
 def test_merge_wordpieces_merges_pieces_and_renormalises_their_maps():

@@ -27,7 +27,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def int8_captioner(tiny_trained_captioner):
-    return copy.deepcopy(tiny_trained_captioner).quantize_int8()
+    """The int8 decoder alone (fp32 ResNet): what the caption-agreement tests compare with fp32."""
+    return copy.deepcopy(tiny_trained_captioner).quantize_int8(encoder_bf16=False)
 
 
 # --- the fast (cached) path computes what the reference (whole prefix every step) computes ----------------------
@@ -117,11 +118,37 @@ def test_int8_captions_equal_fp32_captions(tiny_trained_captioner, int8_captione
     assert len({c.text for c in int8}) > 3  # real, varied captions, not one string for everything
 
 
-def test_from_pretrained_int8(tiny_checkpoint, int8_captioner, images):
+def test_bf16_encoder_keeps_the_grid(tiny_trained_captioner, images):
+    """The fast mode's ResNet in bf16 (channels-last, for oneDNN's AMX / AVX512-BF16 kernels) gives the fp32 grid
+    to bf16 precision, as fp32, from the same fp32 pixels; the whole fast mode still captions."""
+    fast = copy.deepcopy(tiny_trained_captioner).quantize_int8(encoder_bf16=True)
+    assert fast.encoder.stem.conv1.weight.dtype == torch.bfloat16
+    assert fast.encoder.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    pixels = tiny_trained_captioner.preprocess(images[:8])
+    with torch.inference_mode():
+        reference = tiny_trained_captioner.encoder(pixels)  # (8, C, gh, gw)
+        grid = fast.encoder(pixels)
+    assert grid.dtype == torch.float32 and grid.shape == reference.shape
+    error = ((grid - reference).norm() / reference.norm()).item()
+    assert 0 < error < 0.03  # bf16 (8-bit mantissa) rounding, nothing worse
+    captions = fast.caption_batch(images[:8], num_beams=1, max_length=MAX_LEN)
+    assert all(c.text and c.attention.shape[0] == len(c.words) for c in captions)
+
+
+def test_quantize_int8_picks_the_bf16_encoder_from_the_cpu(tiny_trained_captioner):
+    from caption_model.modeling import _cpu_has_native_bf16
+
+    model = copy.deepcopy(tiny_trained_captioner).quantize_int8()
+    expected = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    assert model.encoder.stem.conv1.weight.dtype == expected
+
+
+def test_from_pretrained_int8(tiny_checkpoint, tiny_trained_captioner, images):
     model = ImageCaptioner.from_pretrained(tiny_checkpoint, quantize="int8")
     assert model.quantized
     loaded = model.caption_batch(images[:8], num_beams=1, max_length=MAX_LEN)
-    direct = int8_captioner.caption_batch(images[:8], num_beams=1, max_length=MAX_LEN)
+    direct = copy.deepcopy(tiny_trained_captioner).quantize_int8().caption_batch(images[:8], num_beams=1,
+                                                                                   max_length=MAX_LEN)
     assert [c.text for c in loaded] == [c.text for c in direct]
     with pytest.raises(ValueError, match="quantize"):
         ImageCaptioner.from_pretrained(tiny_checkpoint, quantize="int4")
