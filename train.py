@@ -72,6 +72,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     attention_penalty: float = 1.0
     context_loss_weight: float = 0.5  # grounding aid: also predict each word from its attended context alone
+    grounding_loss: str = "pooled"  # pooled: from the attention-pooled context; marginal: from one attended cell
     all_captions: bool = False  # train on every caption of an image per step (image encoded once) vs one random
     feature_cache: bool = True  # cache the frozen encoder part's output on disk
     cache_dir: str | None = None  # default: <output_dir>/feature_cache
@@ -166,6 +167,7 @@ def model_config(cfg: TrainConfig) -> CaptionerConfig:
         attention_dim=cfg.attention_dim, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
         fusion_dropout=cfg.dropout, label_smoothing=cfg.label_smoothing, attention_penalty=cfg.attention_penalty,
         grounded_heatmaps=cfg.context_loss_weight > 0,  # the evidence comes from the context-only head
+        grounding_loss=cfg.grounding_loss,
     )
 
 

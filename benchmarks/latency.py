@@ -5,9 +5,11 @@
     python benchmarks/latency.py --threads 1     # pin every contender to one thread (a busy shared machine)
 
 Contenders, each asked for one image at a time (per-image latency) with exactly 16 new tokens:
-  1  ours, default path: `ImageCaptioner.caption()` (preprocess, ResNet-50, KV-cached decoding, heatmaps, words)
-  1q ours, the same with the int8 decoder (`ImageCaptioner.from_pretrained(path, quantize="int8")`)
-  2  ours without KV cache (`caption(..., use_cache=False)`: the whole prefix recomputed every step)
+  1  ours, the default path of the app: `ImageCaptioner.caption()` (preprocess, ResNet-50, KV-cached decoding,
+     heatmaps, words) in the fast CPU mode, `from_pretrained(path, quantize="int8")`: int8 decoder, and a bf16
+     ResNet where the CPU has native bf16 (AMX / AVX512-BF16)
+  1f ours, the same path with the fp32 weights as trained (`app.py --precision fp32`, plain `from_pretrained`)
+  2  ours without KV cache (`caption(..., use_cache=False)`: the whole prefix recomputed every step), fp32
   3  transformers VisionEncoderDecoderModel, ViT-B/16 + GPT-2 (the architecture of the most used captioning
      checkpoint), ViTImageProcessor + `generate()`; it does not detokenise, ours does (counted against us).
 All models have random weights (no network). Same caption length everywhere: ours never emits the end token
@@ -52,8 +54,8 @@ PRESETS = {
     "flickr8k-small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
 CONTENDERS = {
-    "ours": "1  ours default: caption(), KV cache, fp32",
-    "ours_int8": "1q ours, int8 decoder (quantize='int8')",
+    "ours_int8": "1  ours, app default: int8 dec + bf16 ResNet",
+    "ours": "1f ours fp32: caption(), KV cache",
     "ours_nocache": "2  ours without KV cache, fp32",
     "hf": "3  HF ViT-B/16 + GPT-2 generate(), fp32",
 }
@@ -266,7 +268,8 @@ def main() -> None:
     for preset in presets:
         models[f"{preset}:ours"] = build_ours(preset)
         models[f"{preset}:ours_int8"] = build_ours(preset, int8=True)
-    print(f"# models built in {time.perf_counter() - build_start:.0f} s", flush=True)
+    encoder_dtype = str(models[f"{presets[0]}:ours_int8"].encoder.stem.conv1.weight.dtype).removeprefix("torch.")
+    print(f"# models built in {time.perf_counter() - build_start:.0f} s; fast mode ResNet in {encoder_dtype}", flush=True)
 
     names = [f"{p}:{c}" for p in presets for c in ("ours", "ours_int8", "ours_nocache")] + ["all:hf"]
     one = test_images(1)
@@ -289,11 +292,12 @@ def main() -> None:
 
     bandwidth = memory_bandwidth_gbs()
     result = {"threads": threads, "new_tokens": NEW_TOKENS, "runs": args.runs, "batch": BATCH,
-              "load_average": round(os.getloadavg()[0], 2), "copy_bandwidth_gbs": round(bandwidth, 2), "presets": {}}
+              "load_average": round(os.getloadavg()[0], 2), "copy_bandwidth_gbs": round(bandwidth, 2),
+              "fast_mode_encoder_dtype": encoder_dtype, "presets": {}}
     for preset in presets:
         rows = {}
         hf_greedy, hf_beam = latency[1]["all:hf"], latency[3]["all:hf"]
-        for contender in ("ours", "ours_int8", "ours_nocache", "hf"):
+        for contender in ("ours_int8", "ours", "ours_nocache", "hf"):
             name = "all:hf" if contender == "hf" else f"{preset}:{contender}"
             row = {
                 "greedy_ms": 1000 * latency[1][name], "beam3_ms": 1000 * latency[3][name],

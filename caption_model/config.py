@@ -8,6 +8,7 @@ from typing import Any
 
 ENCODER_STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+GROUNDING_LOSSES = ("pooled", "marginal")
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
@@ -42,12 +43,17 @@ class CaptionerConfig:
     # Per-word heatmaps weighted by word evidence: alpha_t(p) * exp(score of word t from cell p's context alone).
     # Needs the context-only head trained (train.py's context loss); False: the raw attention alpha_t.
     grounded_heatmaps: bool = True
+    # Context loss (train.py --context-loss-weight): "pooled" predicts the word from the attention-pooled context;
+    # "marginal" from one attended cell at a time, -log sum_p alpha(p) p(w | cell p) (a latent alignment).
+    grounding_loss: str = "pooled"
 
     # --- loss ---
     label_smoothing: float = 0.1  # token cross-entropy label smoothing
     attention_penalty: float = 1.0  # weight of the doubly-stochastic attention penalty (Show, Attend and Tell)
 
     def __post_init__(self) -> None:
+        if self.grounding_loss not in GROUNDING_LOSSES:
+            raise ValueError(f"grounding_loss must be one of {GROUNDING_LOSSES}, got {self.grounding_loss!r}")
         if self.encoder_stage not in ENCODER_STAGES:
             raise ValueError(f"encoder_stage must be one of {ENCODER_STAGES}, got {self.encoder_stage!r}")
         last = ENCODER_STAGES.index(self.encoder_stage)

@@ -239,6 +239,7 @@ class FusionDecoder(nn.Module):
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
+        self.config = config
         self.bert = BertModel(_bert_config(config), add_pooling_layer=False)
         self.head = FusionHead(config)
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -259,10 +260,19 @@ class FusionDecoder(nn.Module):
         normaliser). alpha_t is computed before w_t is chosen: where several objects could come next (the colour
         word of "a red circle and a blue square"), it spreads over all of them; the evidence picks the one named.
         """
-        cells = self.head.context_proj(visual)  # (B, P, D): what each cell alone would say
-        words = self.bert.embeddings.word_embeddings(token_ids)  # (B, T, D); the output bias cancels over p
-        evidence = words @ cells.transpose(1, 2)  # (B, T, P)
+        if self.config.grounding_loss == "marginal":  # the exact posterior of the latent alignment it was trained as
+            cell_logp = self.cell_word_logprobs(visual)  # (B, P, V)
+            P = cell_logp.shape[1]
+            evidence = cell_logp.gather(2, token_ids[:, None, :].expand(-1, P, -1)).transpose(1, 2)  # (B, T, P)
+        else:
+            cells = self.head.context_proj(visual)  # (B, P, D): what each cell alone would say
+            words = self.bert.embeddings.word_embeddings(token_ids)  # (B, T, D); the output bias cancels over p
+            evidence = words @ cells.transpose(1, 2)  # (B, T, P)
         return (alpha.clamp_min(1e-30).log() + evidence).softmax(dim=-1)  # (B, T, P)
+
+    def cell_word_logprobs(self, visual: torch.Tensor) -> torch.Tensor:
+        """visual (B, P, D) -> log p(word | cell p alone) (B, P, V), from the context-only head."""
+        return self.vocab_logits(self.head.context_proj(visual)).float().log_softmax(dim=-1)
 
     def quantize_int8(self) -> None:
         """Dynamic int8 quantisation (CPU, inference only) of the per-token weights: every BERT Linear, the fusion
@@ -492,7 +502,7 @@ class ImageCaptioner(
         if image_features is None:
             grid = self.encoder(pixel_values)
         else:
-            grid = self.encoder.forward_from_frozen(image_features.to(self.projection.proj.weight.dtype))
+            grid = self.encoder.forward_from_frozen(image_features.to(self.encoder.stem.conv1.weight.dtype)).float()
         return self.projection(grid)  # (B, C, gh, gw) -> (B, P, D)
 
     # --- training forward --------------------------------------------------------------------------------
@@ -517,14 +527,29 @@ class ImageCaptioner(
         hidden, _ = self.decoder.hidden_states(input_ids, visual, attention_mask)  # (B, T, D)
         keys = self.decoder.head.attention.project_keys(visual)  # (B, P, A)
         want_context = labels is not None and context_loss_weight > 0
-        fused, alpha, context = self.decoder.head(hidden, keys, visual, with_context=want_context)
+        pooled = want_context and self.config.grounding_loss == "pooled"
+        fused, alpha, context = self.decoder.head(hidden, keys, visual, with_context=pooled)
         logits = self.decoder.vocab_logits(fused)  # (B, T, V)
-        context_logits = self.decoder.vocab_logits(context) if want_context else None
+        context_logits = self.decoder.vocab_logits(context) if pooled else None
         loss, losses = None, None
         if labels is not None:
             losses = self._losses(logits, alpha, labels, context_logits, context_loss_weight)
+            if want_context and not pooled:
+                losses["context"] = context_loss_weight * self._marginal_grounding_loss(alpha, visual, labels)
             loss = sum(losses.values())
         return CaptionerOutput(loss=loss, logits=logits, attention=alpha, losses=losses)
+
+    def _marginal_grounding_loss(self, alpha: torch.Tensor, visual: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """-log sum_p alpha_t(p) p(w_t | cell p): every word must be explained by one attended cell on its own
+        (a latent alignment, as in hard attention), not by a blend of cells. alpha (B, T, P), visual (B, P, D)."""
+        cell_logp = self.decoder.cell_word_logprobs(visual)  # (B, P, V), once per image row
+        targets = labels[:, 1:]  # (B, T-1)
+        valid = targets != -100
+        P = cell_logp.shape[1]
+        word_logp = cell_logp.gather(2, targets.clamp_min(0)[:, None, :].expand(-1, P, -1))  # (B, P, T-1)
+        log_alpha = alpha[:, :-1].clamp_min(1e-30).log()  # (B, T-1, P)
+        log_marginal = torch.logsumexp(log_alpha + word_logp.transpose(1, 2), dim=-1)  # (B, T-1)
+        return -(log_marginal * valid).sum() / valid.sum().clamp(min=1)
 
     def _losses(self, logits, alpha, labels, context_logits, context_loss_weight) -> dict[str, torch.Tensor]:
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t

@@ -295,6 +295,21 @@ def test_grounding_moves_a_map_to_the_cell_that_explains_the_word():
     torch.testing.assert_close(unchanged, alpha)
 
 
+def test_grounding_of_a_marginal_model_is_the_exact_alignment_posterior():
+    """grounding_loss="marginal": map_t(p) = alpha_t(p) p(w_t | cell p) / sum over p, with p(. | cell) normalised."""
+    model = build_tiny_captioner(grounding_loss="marginal").eval()
+    visual = torch.randn(2, 5, model.config.hidden_size)  # (B, P, D)
+    alpha = torch.rand(2, 3, 5).softmax(-1)  # (B, T, P)
+    tokens = torch.tensor([[7, 8, 9], [10, 11, 7]])
+    with torch.no_grad():
+        grounded = model.decoder.ground_attention(alpha, visual, tokens)
+        cell_p = model.decoder.vocab_logits(model.decoder.head.context_proj(visual)).softmax(-1)  # (B, P, V)
+    for b in range(2):
+        for t in range(3):
+            expected = alpha[b, t] * cell_p[b, :, tokens[b, t]]
+            torch.testing.assert_close(grounded[b, t], expected / expected.sum())
+
+
 def test_merge_wordpieces_merges_pieces_and_renormalises_their_maps():
     rng = np.random.default_rng(0)
     maps = rng.random((5, 2, 3)).astype(np.float32)

@@ -123,6 +123,40 @@ def test_loss_terms_are_label_smoothed_cross_entropy_and_attention_penalty(rando
     assert "attention" not in none(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).losses
 
 
+def test_context_losses_pooled_and_marginal(random_model, examples):
+    """pooled: CE of the word from the attention-pooled context; marginal: -log sum_p alpha_t(p) p(w_t | cell p),
+    recomputed here from the model's parts; both scaled by context_loss_weight."""
+    model = random_model
+    pixels, ids, mask, labels = _batch(model, [ex.image for ex in examples], [ex.captions[0] for ex in examples])
+    targets = labels[:, 1:]
+    valid = targets != -100
+    with torch.no_grad():
+        out = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels, context_loss_weight=0.5)
+        visual = model.encode(pixels)  # (B, P, D)
+        context = out.attention @ visual  # (B, T, D)
+        context_logits = model.decoder.vocab_logits(model.decoder.head.context_proj(context))
+        V = context_logits.shape[-1]
+        pooled = F.cross_entropy(context_logits[:, :-1].reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(out.losses["context"], 0.5 * pooled)
+
+        marginal_model = ImageCaptioner(tiny_config(**{**_arch(model), "grounding_loss": "marginal"})).eval()
+        marginal_model.load_state_dict(model.state_dict())
+        out_m = marginal_model(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels,
+                               context_loss_weight=0.5)
+        torch.testing.assert_close(out_m.logits, out.logits)  # the captioning path is the same
+        cell_logp = model.decoder.vocab_logits(model.decoder.head.context_proj(visual)).log_softmax(-1)  # (B, P, V)
+        total = count = 0.0
+        for b in range(len(examples)):
+            for t in range(targets.shape[1]):
+                if valid[b, t]:
+                    total -= torch.log((out.attention[b, t] * cell_logp[b, :, targets[b, t]].exp()).sum())
+                    count += 1
+        torch.testing.assert_close(out_m.losses["context"], 0.5 * total / count)
+    assert "context" not in model(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).losses
+    with pytest.raises(ValueError, match="grounding_loss"):
+        tiny_config(grounding_loss="hard")
+
+
 def _arch(model):
     keys = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
     return {k: getattr(model.config, k) for k in keys}
