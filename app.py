@@ -6,8 +6,8 @@ The model comes from --model, else $CAPTION_MODEL, else a local checkpoint (chec
 `shapes` preset is trained once through train.py. One process serves the UI at /, the gradio_client endpoint
 /caption, and plain HTTP: POST /predict (multipart field `image`) and GET /health.
 
-The model serves in the fast CPU mode by default (`--precision int8`, or $CAPTION_PRECISION): int8 decoder and, on
-CPUs with native bf16, a bf16 ResNet; captions match fp32 for >= 95% of images (benchmarks/int8_quality.py).
+The model serves in the fast CPU mode by default (`--precision int8`, or $CAPTION_PRECISION): the int8 decoder;
+captions match fp32 for >= 95% of images (benchmarks/int8_quality.py).
 `--precision fp32` serves the weights exactly as trained.
 """
 
@@ -133,7 +133,7 @@ def load_captioner(model: str, int8: bool = True) -> ImageCaptioner:
         raise ModelLoadError(f"could not load model {model!r}: {type(error).__name__}: {error}. {where}") from error
     captioner.eval()
     if int8:
-        captioner.quantize_int8()  # int8 decoder (+ bf16 ResNet where the CPU has it): faster on CPU, same API
+        captioner.quantize_int8()  # int8 decoder: faster on CPU, same API
     return captioner
 
 
@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--precision", choices=["int8", "fp32"], default=os.environ.get("CAPTION_PRECISION", "int8"),
-                        help="int8 (default, $CAPTION_PRECISION): int8 decoder + bf16 ResNet where the CPU has "
-                             "native bf16, the fast CPU mode; fp32: the weights exactly as trained")
+                        help="int8 (default, $CAPTION_PRECISION): the int8 decoder, the fast CPU mode; "
+                             "fp32: the weights exactly as trained")
     args = parser.parse_args(argv)
     try:
         model_id = resolve_model(args.model)

@@ -50,12 +50,16 @@ def main() -> int:
                         help="images per caption_batch call (1 = what the app does; int8 activation scales are "
                              "per batch, so larger batches can change int8 captions slightly)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--encoder-bf16", choices=["auto", "true", "false"], default="auto",
+                        help="the fast mode's bf16 ResNet: auto (= quantize_int8's default: CPUs with native bf16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     fp32 = ImageCaptioner.from_pretrained(args.checkpoint)
-    int8 = ImageCaptioner.from_pretrained(args.checkpoint, quantize="int8")
+    encoder_bf16 = {"auto": None, "true": True, "false": False}[args.encoder_bf16]
+    int8 = ImageCaptioner.from_pretrained(args.checkpoint).quantize_int8(encoder_bf16=encoder_bf16)
+    print(f"# fast mode: int8 decoder, ResNet in {str(int8.encoder.stem.conv1.weight.dtype).removeprefix('torch.')}")
     rng = np.random.default_rng(args.seed)
     examples = [generate_shapes_example(rng) for _ in range(args.images)]
     images = [ex.image for ex in examples]

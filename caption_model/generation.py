@@ -80,9 +80,13 @@ class DecoderState:
             self.cache = [[None, None] for _ in bert.encoder.layer]
         for layer, cache, (cross_k, cross_v) in zip(bert.encoder.layer, self.cache, self.cross):
             attention = layer.attention.self
-            q = _heads(attention.query(x), attention)  # (N, H, 1, dh)
-            k = _heads(attention.key(x), attention)
-            v = _heads(attention.value(x), attention)
+            qkv = getattr(attention, "qkv_int8", None)  # set by quantize_int8: q, k, v in one int8 call
+            if qkv is not None:
+                q, k, v = (_heads(part, attention) for part in qkv(x).chunk(3, dim=-1))  # 3 x (N, H, 1, dh)
+            else:
+                q = _heads(attention.query(x), attention)  # (N, H, 1, dh)
+                k = _heads(attention.key(x), attention)
+                v = _heads(attention.value(x), attention)
             if not first:
                 k = torch.cat([cache[0], k], dim=2)  # (N, H, t, dh)
                 v = torch.cat([cache[1], v], dim=2)
@@ -257,7 +261,8 @@ def caption_images(model: "ImageCaptioner", images: Sequence, num_beams: int = 3
     if len(images) == 0:
         return []
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every module: ~4 ms each on the full-size model, so only when needed
+        model.eval()
     try:
         with torch.inference_mode():
             visual = model.encode(model.preprocess(list(images)))  # (B, P, D)
@@ -269,4 +274,5 @@ def caption_images(model: "ImageCaptioner", images: Sequence, num_beams: int = 3
                 alphas = model.decoder.ground_attention(alphas, visual, ids)  # (B, L, P)
         return [to_caption(model, ids[i], alphas[i], sums[i].item(), lengths[i].item()) for i in range(len(images))]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()

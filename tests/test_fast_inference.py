@@ -119,8 +119,8 @@ def test_int8_captions_equal_fp32_captions(tiny_trained_captioner, int8_captione
 
 
 def test_bf16_encoder_keeps_the_grid(tiny_trained_captioner, images):
-    """The fast mode's ResNet in bf16 (channels-last, for oneDNN's AMX / AVX512-BF16 kernels) gives the fp32 grid
-    to bf16 precision, as fp32, from the same fp32 pixels; the whole fast mode still captions."""
+    """quantize_int8(encoder_bf16=True): the ResNet in bf16 (channels-last, for oneDNN's AMX / AVX512-BF16
+    kernels) gives the fp32 grid to bf16 precision, as fp32, from the same fp32 pixels, and still captions."""
     fast = copy.deepcopy(tiny_trained_captioner).quantize_int8(encoder_bf16=True)
     assert fast.encoder.stem.conv1.weight.dtype == torch.bfloat16
     assert fast.encoder.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -135,12 +135,14 @@ def test_bf16_encoder_keeps_the_grid(tiny_trained_captioner, images):
     assert all(c.text and c.attention.shape[0] == len(c.words) for c in captions)
 
 
-def test_quantize_int8_picks_the_bf16_encoder_from_the_cpu(tiny_trained_captioner):
+def test_quantize_int8_keeps_the_fp32_encoder_unless_asked(tiny_trained_captioner):
     from caption_model.modeling import _cpu_has_native_bf16
 
-    model = copy.deepcopy(tiny_trained_captioner).quantize_int8()
+    default = copy.deepcopy(tiny_trained_captioner).quantize_int8()
+    assert default.encoder.stem.conv1.weight.dtype == torch.float32
+    auto = copy.deepcopy(tiny_trained_captioner).quantize_int8(encoder_bf16=None)
     expected = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-    assert model.encoder.stem.conv1.weight.dtype == expected
+    assert auto.encoder.stem.conv1.weight.dtype == expected
 
 
 def test_from_pretrained_int8(tiny_checkpoint, tiny_trained_captioner, images):
