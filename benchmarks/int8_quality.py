@@ -50,8 +50,9 @@ def main() -> int:
                         help="images per caption_batch call (1 = what the app does; int8 activation scales are "
                              "per batch, so larger batches can change int8 captions slightly)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--encoder-bf16", choices=["auto", "true", "false"], default="auto",
-                        help="the fast mode's bf16 ResNet: auto (= quantize_int8's default: CPUs with native bf16)")
+    parser.add_argument("--encoder-bf16", choices=["auto", "true", "false"], default="false",
+                        help="also the opt-in bf16 ResNet (quantize_int8(encoder_bf16=...)): false (default, what "
+                             "the app serves), true, or auto (CPUs with AMX / AVX512-BF16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
