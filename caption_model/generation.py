@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .cached_step import CachedBertDecoder, repeat_rows
 
 if TYPE_CHECKING:
     from .modeling import ImageCaptioner
@@ -34,24 +35,19 @@ class DecoderState:
     depends on the image (additive-attention keys, cross-attention keys/values of every layer) is computed once per
     image and shared by its beams.
 
-    use_cache=True is the fast path: one new token per step through the BERT layers (their own modules, so an int8
-    model runs int8), self-attention keys/values appended to a per-layer cache, cross-attention keys/values computed
-    once. use_cache=False is the reference: the whole prefix through `BertModel.forward` every step.
+    use_cache=True is the fast path (`cached_step.CachedBertDecoder`): one new token per step through the BERT
+    layers' own weights (so an int8 model runs int8), self-attention keys/values appended to a per-layer cache,
+    cross-attention keys/values computed once. use_cache=False is the reference: the whole prefix through `BertModel.forward` every step.
     """
 
     def __init__(self, model: "ImageCaptioner", visual: torch.Tensor, use_cache: bool, num_beams: int = 1):
         self.model = model
         keys = model.decoder.head.attention.project_keys(visual)  # (B, P, A), once per image
-        self.visual = _rows(visual, num_beams)  # (N, P, D)
-        self.keys = _rows(keys, num_beams)  # (N, P, A)
+        self.visual = repeat_rows(visual, num_beams)  # (N, P, D)
+        self.keys = repeat_rows(keys, num_beams)  # (N, P, A)
         self.use_cache = use_cache
-        self.cache: list[list[torch.Tensor]] | None = None  # per layer [self K, self V], each (N, H, t, dh)
-        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer cross-attention K, V (N, H, P, dh)
-        if use_cache:
-            for layer in model.decoder.bert.encoder.layer:
-                attention = layer.crossattention.self
-                self.cross.append((_rows(_heads(attention.key(visual), attention), num_beams),
-                                   _rows(_heads(attention.value(visual), attention), num_beams)))
+        # the fast path: one token per step, KV cache, cross-attention K/V once per image
+        self.cached = CachedBertDecoder(model.decoder.bert, visual, num_beams) if use_cache else None
         bos = model.config.bos_token_id
         N = self.visual.shape[0]
         self.banned = banned_token_ids(model)  # never part of a caption: [PAD], [CLS], [UNK], [MASK]
@@ -60,8 +56,8 @@ class DecoderState:
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Score the next token of every row -> log-probabilities (N, V), attention of that token (N, P)."""
         decoder = self.model.decoder
-        if self.use_cache:
-            hidden = self._cached_hidden()  # (N, 1, D)
+        if self.cached is not None:
+            hidden = self.cached(self.input_ids[:, -1:])  # (N, 1, D)
         else:  # reference path: recompute the whole prefix every step
             hidden, _ = decoder.hidden_states(self.input_ids, self.visual)
         fused, alpha, _ = decoder.head(hidden[:, -1:], self.keys, self.visual)  # (N, 1, D), (N, 1, P)
@@ -69,46 +65,14 @@ class DecoderState:
         logprobs[:, self.banned] = float("-inf")  # masked after normalising: scores stay the model's log-probs
         return logprobs, alpha[:, 0]
 
-    def _cached_hidden(self) -> torch.Tensor:
-        """The last token of every row through the decoder with the KV cache -> its hidden state (N, 1, D).
-        The same computation as BertModel.forward in eval mode (a single query needs no causal mask)."""
-        bert = self.model.decoder.bert
-        past = 0 if self.cache is None else self.cache[0][0].shape[2]
-        x = bert.embeddings(input_ids=self.input_ids[:, -1:], past_key_values_length=past)  # (N, 1, D)
-        first = self.cache is None
-        if first:
-            self.cache = [[None, None] for _ in bert.encoder.layer]
-        for layer, cache, (cross_k, cross_v) in zip(bert.encoder.layer, self.cache, self.cross):
-            attention = layer.attention.self
-            qkv = getattr(attention, "qkv_int8", None)  # set by quantize_int8: q, k, v in one int8 call
-            if qkv is not None:
-                q, k, v = (_heads(part, attention) for part in qkv(x).chunk(3, dim=-1))  # 3 x (N, H, 1, dh)
-            else:
-                q = _heads(attention.query(x), attention)  # (N, H, 1, dh)
-                k = _heads(attention.key(x), attention)
-                v = _heads(attention.value(x), attention)
-            if not first:
-                k = torch.cat([cache[0], k], dim=2)  # (N, H, t, dh)
-                v = torch.cat([cache[1], v], dim=2)
-            cache[0], cache[1] = k, v
-            a = F.scaled_dot_product_attention(q, k, v, scale=attention.scaling)  # (N, H, 1, dh)
-            x = layer.attention.output(_merge_heads(a), x)  # dense + residual + LayerNorm
-            cross = layer.crossattention.self
-            q = _heads(cross.query(x), cross)
-            a = F.scaled_dot_product_attention(q, cross_k, cross_v, scale=cross.scaling)
-            x = layer.crossattention.output(_merge_heads(a), x)
-            x = layer.output(layer.intermediate(x), x)  # feed-forward + residual + LayerNorm
-        return x
-
     def append(self, tokens: torch.Tensor) -> None:
         self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)  # (N, t) -> (N, t+1)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows `rows` (N,) in this order: beam search moves surviving beams into place."""
         self.input_ids = self.input_ids[rows]
-        if self.cache is not None:
-            # Cross-attention keys/values are the same for every beam of an image: only self-attention moves.
-            self.cache = [[k.index_select(0, rows), v.index_select(0, rows)] for k, v in self.cache]
+        if self.cached is not None:
+            self.cached.reorder(rows)
 
 
 def banned_token_ids(model: "ImageCaptioner") -> list[int]:
@@ -121,23 +85,6 @@ def banned_token_ids(model: "ImageCaptioner") -> list[int]:
             ids.add(token_id)
     ids.discard(cfg.eos_token_id)
     return sorted(ids)
-
-
-def _rows(x: torch.Tensor, num_beams: int) -> torch.Tensor:
-    """(B, ...) -> (B*K, ...): every image's row repeated for its K beams."""
-    return x if num_beams == 1 else x.repeat_interleave(num_beams, dim=0)
-
-
-def _heads(x: torch.Tensor, attention) -> torch.Tensor:
-    """(N, T, D) -> (N, H, T, dh) for a BERT attention module."""
-    N, T, _ = x.shape
-    return x.view(N, T, attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(N, H, T, dh) -> (N, T, D)."""
-    N, H, T, dh = x.shape
-    return x.transpose(1, 2).reshape(N, T, H * dh)
 
 
 def greedy_search(model: "ImageCaptioner", visual: torch.Tensor, max_length: int, use_cache: bool = True):

@@ -12,7 +12,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -226,8 +226,12 @@ def _int8_linear_class() -> type:
     if _INT8_LINEAR is None:
         class Int8Linear(DynamicLinear):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                packed = self._packed_params._packed_params
-                return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+                return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
+
+            def functional(self) -> Callable[[torch.Tensor], torch.Tensor]:
+                """This layer as a plain function (no nn.Module call): what the cached decoding step runs."""
+                packed, linear = self._packed_params._packed_params, torch.ops.quantized.linear_dynamic
+                return lambda x: linear(x, packed, reduce_range=False)  # fp32 in, fp32 out
 
         _INT8_LINEAR = Int8Linear
     return _INT8_LINEAR

@@ -166,3 +166,26 @@ def test_quantizing_leaves_the_fp32_model_alone(tiny_trained_captioner, int8_cap
     assert not tiny_trained_captioner.quantized
     assert tiny_trained_captioner.decoder.vocab_int8 is None
     assert any(isinstance(m, torch.nn.Linear) for m in tiny_trained_captioner.decoder.bert.encoder.modules())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cached_step_equals_transformers_cached_forward(precision):
+    """The functional one-token step (`CachedBertDecoder`) against BertModel.forward with transformers' own KV
+    cache, token by token: the same hidden states for fp32 and for the int8 layers (each linear sees the same
+    one-token input, so int8 activation scales agree too)."""
+    from conftest import build_tiny_captioner
+    from caption_model.cached_step import CachedBertDecoder
+
+    model = build_tiny_captioner(seed=7).eval()
+    if precision == "int8":
+        model.quantize_int8()
+    rng = np.random.default_rng(3)
+    pixels = model.preprocess([generate_shapes_example(rng).image for _ in range(2)])
+    tokens = torch.randint(5, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        visual = model.encode(pixels)
+        ours, past = CachedBertDecoder(model.decoder.bert, visual), None
+        for t in range(tokens.shape[1]):
+            theirs, past = model.decoder.hidden_states(tokens[:, t:t + 1], visual, past_key_values=past, use_cache=True)
+            torch.testing.assert_close(ours(tokens[:, t:t + 1]), theirs, atol=1e-5, rtol=1e-5)
+    assert ours.length == tokens.shape[1] and ours.cache[0][0].shape[2] == tokens.shape[1]

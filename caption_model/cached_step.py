@@ -1,0 +1,137 @@
+"""The one-token step of the BERT decoder with a KV cache: the fast path of decoding.
+
+It computes what `BertModel.forward` computes in eval mode for the newest token (one query needs no causal mask),
+as straight-line functional calls on the layers' own weights. Walking the HF modules (a dozen nested `nn.Module`
+calls per layer, 16 tokens x 12 layers per caption) cost ~30 ms of Python per full-size caption, more than the
+attention itself. Whatever a layer holds (fp32 `nn.Linear`, the int8 linears of `quantize_int8`, anything else
+callable) is used as is: only its call is made cheaper.
+
+Shape legend: N rows (images x beams), t tokens so far, H heads, dh head size, D hidden, P grid cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fast_call(module: nn.Module) -> Fn:
+    """The cheapest callable equal to `module(x)` for the modules a BERT layer holds."""
+    functional = getattr(module, "functional", None)  # int8 linears: torch.ops.quantized.linear_dynamic
+    if functional is not None:
+        return functional()
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    if type(module) is nn.LayerNorm:
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    act = getattr(module, "act", None)  # transformers' GELUActivation wraps F.gelu
+    if act is F.gelu:
+        return F.gelu
+    return module
+
+
+@dataclass
+class LayerStep:
+    """One BERT layer's weights as plain callables, for one new token."""
+
+    heads: int
+    head_size: int
+    self_scaling: float
+    cross_scaling: float
+    qkv: Fn | None  # (N, 1, D) -> (N, 1, 3D): q, k, v in one call (set by quantize_int8), else the three below
+    query: Fn
+    key: Fn
+    value: Fn
+    self_out: Fn  # dense after self-attention
+    self_norm: Fn
+    cross_query: Fn
+    cross_out: Fn
+    cross_norm: Fn
+    ffn_in: Fn
+    act: Fn
+    ffn_out: Fn
+    ffn_norm: Fn
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "LayerStep":
+        attention, cross = layer.attention.self, layer.crossattention.self
+        qkv = getattr(attention, "qkv_int8", None)
+        return cls(
+            heads=attention.num_attention_heads, head_size=attention.attention_head_size,
+            self_scaling=attention.scaling, cross_scaling=cross.scaling,
+            qkv=fast_call(qkv) if qkv is not None else None,
+            query=fast_call(attention.query), key=fast_call(attention.key), value=fast_call(attention.value),
+            self_out=fast_call(layer.attention.output.dense), self_norm=fast_call(layer.attention.output.LayerNorm),
+            cross_query=fast_call(cross.query),
+            cross_out=fast_call(layer.crossattention.output.dense),
+            cross_norm=fast_call(layer.crossattention.output.LayerNorm),
+            ffn_in=fast_call(layer.intermediate.dense), act=fast_call(layer.intermediate.intermediate_act_fn),
+            ffn_out=fast_call(layer.output.dense), ffn_norm=fast_call(layer.output.LayerNorm),
+        )
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, H*dh) -> (N, H, T, dh)."""
+        N, T, _ = x.shape
+        return x.view(N, T, self.heads, self.head_size).transpose(1, 2)
+
+    def __call__(self, x: torch.Tensor, cache: list, cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
+        """x (N, 1, D), cache [K, V] of this layer ((N, H, t, dh) each, or None at the first token; updated in
+        place), cross_k / cross_v (N, H, P, dh) -> (N, 1, D)."""
+        N, _, D = x.shape
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).view(N, 1, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)  # 3x (N,H,1,dh)
+        else:
+            q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        if cache[0] is not None:
+            k = torch.cat([cache[0], k], dim=2)  # (N, H, t+1, dh)
+            v = torch.cat([cache[1], v], dim=2)
+        cache[0], cache[1] = k, v
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.self_scaling)  # (N, H, 1, dh)
+        x = self.self_norm(self.self_out(a.transpose(1, 2).reshape(N, 1, D)) + x)  # dense + residual + LayerNorm
+        q = self.split_heads(self.cross_query(x))  # (N, H, 1, dh)
+        a = F.scaled_dot_product_attention(q, cross_k, cross_v, scale=self.cross_scaling)  # (N, H, 1, dh)
+        x = self.cross_norm(self.cross_out(a.transpose(1, 2).reshape(N, 1, D)) + x)
+        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(x))) + x)  # feed-forward + residual + LayerNorm
+
+
+class CachedBertDecoder:
+    """A BERT decoder run one token at a time for N rows: per-layer self-attention KV cache, cross-attention keys
+    and values of the visual tokens computed once per image and shared by its beams."""
+
+    def __init__(self, bert: nn.Module, visual: torch.Tensor, num_beams: int = 1):
+        """visual (B, P, D) -> ready for rows N = B * num_beams (each image's row repeated for its beams)."""
+        self.bert = bert
+        self.layers = [LayerStep.of(layer) for layer in bert.encoder.layer]
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V (N, H, P, dh)
+        for layer, step in zip(bert.encoder.layer, self.layers):
+            attention = layer.crossattention.self
+            self.cross.append((repeat_rows(step.split_heads(attention.key(visual)), num_beams),
+                               repeat_rows(step.split_heads(attention.value(visual)), num_beams)))
+        self.cache: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layers]  # self K, V (N, H, t, dh)
+        self.length = 0  # tokens in the cache
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids (N, 1), the newest token of every row -> its last hidden state (N, 1, D)."""
+        x = self.bert.embeddings(input_ids=token_ids, past_key_values_length=self.length)  # (N, 1, D)
+        for step, cache, (cross_k, cross_v) in zip(self.layers, self.cache, self.cross):
+            x = step(x, cache, cross_k, cross_v)
+        self.length += 1
+        return x
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (N,) in this order. Cross-attention K/V are the same for every beam of an image."""
+        self.cache = [[k.index_select(0, rows), v.index_select(0, rows)] if k is not None else [None, None]
+                      for k, v in self.cache]
+
+
+def repeat_rows(x: torch.Tensor, num_beams: int) -> torch.Tensor:
+    """(B, ...) -> (B*K, ...): every image's row repeated for its K beams."""
+    return x if num_beams == 1 else x.repeat_interleave(num_beams, dim=0)
