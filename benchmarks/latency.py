@@ -208,15 +208,20 @@ def memory_bandwidth_gbs() -> float:
 
 
 def decoder_bytes_per_token(model) -> int:
-    """Weight bytes read to generate one token (one row): every decoder Linear except the cross-attention
-    key/value projections (cached after step 1), the output projection, the fusion MLP and the attention query."""
+    """Weight bytes read to generate one token (one row): every decoder Linear the one-token step runs (the int8
+    mode runs q/k/v as one fused `qkv_int8`, not the three separate layers), the output projection, the fusion
+    MLP and the attention query; not what runs once per image or caption (cross-attention keys/values, attention
+    keys, the context-only head of the heatmaps)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+    once = ("crossattention.self.key", "crossattention.self.value", "head.attention.key", "head.context_proj")
+    fused_qkv = getattr(model.decoder.bert.encoder.layer[0].attention.self, "qkv_int8", None)
     total = 0
     for name, module in model.decoder.named_modules():
-        if "crossattention.self.key" in name or "crossattention.self.value" in name:
+        if any(part in name for part in once):
             continue
-        if name == "head.attention.key":  # once per image
+        if fused_qkv is not None and name.endswith(("attention.self.query", "attention.self.key",
+                                                    "attention.self.value")) and "crossattention" not in name:
             continue
         if isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
