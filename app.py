@@ -1,6 +1,6 @@
 """Gradio Space: caption an image and show where the model looked for every word.
 
-    python app.py [--model HUB_ID_OR_DIR] [--host HOST] [--port PORT] [--precision {int8,fp32}]
+    python app.py [--model HUB_ID_OR_DIR] [--host HOST] [--port PORT] [--precision {int8,fp32}] [--threads N]
 
 The model comes from --model, else $CAPTION_MODEL, else a local checkpoint (checkpoints/shapes/best), else the
 `shapes` preset is trained once through train.py. One process serves the UI at /, the gradio_client endpoint
@@ -8,7 +8,8 @@ The model comes from --model, else $CAPTION_MODEL, else a local checkpoint (chec
 
 The model serves in the fast CPU mode by default (`--precision int8`, or $CAPTION_PRECISION): the int8 decoder;
 captions match fp32 for >= 95% of images (benchmarks/int8_quality.py).
-`--precision fp32` serves the weights exactly as trained.
+`--precision fp32` serves the weights exactly as trained. torch gets as many CPU threads as the process may use
+(affinity capped by the container's CPU quota), or `--threads N` / $CAPTION_THREADS.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from caption_model import Caption, ImageCaptioner
 from caption_model.heatmap import overlay
 from caption_model.images import load_image
+from caption_model.threads import set_inference_threads
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "examples"
@@ -392,10 +394,10 @@ def create_app(captioner: ImageCaptioner, model_id: str = "unnamed model") -> Fa
         )
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        """Liveness plus the model being served."""
+    def health() -> dict[str, str | int]:
+        """Liveness plus the model being served, its precision and torch's CPU threads."""
         return {"status": "ok", "model": service.model_id,
-                "precision": "int8" if service.captioner.quantized else "fp32"}
+                "precision": "int8" if service.captioner.quantized else "fp32", "threads": torch.get_num_threads()}
 
     @app.post("/predict")
     async def predict(image: UploadFile | None = File(None)) -> JSONResponse:
@@ -429,6 +431,16 @@ def create_app(captioner: ImageCaptioner, model_id: str = "unnamed model") -> Fa
     )
 
 
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        sys.exit(f"app.py: ${name} must be a whole number of threads, got {value!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load the model once, serve until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -438,7 +450,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["int8", "fp32"], default=os.environ.get("CAPTION_PRECISION", "int8"),
                         help="int8 (default, $CAPTION_PRECISION): the int8 decoder, the fast CPU mode; "
                              "fp32: the weights exactly as trained")
+    parser.add_argument("--threads", type=int, default=_int_env("CAPTION_THREADS"),
+                        help="CPU threads for inference (default $CAPTION_THREADS, else the CPUs this process may "
+                             "use: its affinity capped by the container's CPU quota, not the host's core count)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    threads = set_inference_threads(args.threads)
     try:
         model_id = resolve_model(args.model)
         captioner = load_captioner(model_id, int8=args.precision == "int8")
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    print(f"Serving {model_id} on http://{args.host}:{args.port}", flush=True)
+    print(f"Serving {model_id} ({args.precision}, {threads} CPU threads) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(captioner, model_id), host=args.host, port=args.port, log_level="warning")
 
 

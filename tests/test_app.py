@@ -11,6 +11,7 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
+import torch
 from app_helpers import ROOT, bad_files, good_images, serve
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -98,7 +99,8 @@ def test_client_api_lists_only_the_caption_endpoint(client):
 def test_health_names_the_model(server, tiny_checkpoint):
     response = httpx.get(server + "/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "model": tiny_checkpoint, "precision": "int8"}
+    assert response.json() == {"status": "ok", "model": tiny_checkpoint, "precision": "int8",
+                               "threads": torch.get_num_threads()}
 
 
 def test_predict_returns_the_greedy_caption(server, captioner, tmp_path):
@@ -295,6 +297,23 @@ def test_start_up_errors_say_what_was_expected(tmp_path, monkeypatch):
         app.load_captioner("nobody/no-such-captioner")
     with pytest.raises(SystemExit, match="app.py: model folder .* does not exist"):
         app.main(["--model", str(tmp_path / "missing")])
+
+
+def test_thread_count_is_checked_before_anything_loads(tmp_path, monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit):
+        app.main(["--model", str(tmp_path / "missing"), "--threads", "0"])
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("CAPTION_THREADS", "two")
+    with pytest.raises(SystemExit, match=r"CAPTION_THREADS must be a whole number of threads, got 'two'"):
+        app.main(["--model", str(tmp_path / "missing")])
+    monkeypatch.setenv("CAPTION_THREADS", "1")
+    try:
+        with pytest.raises(SystemExit, match="does not exist"):  # threads are set first, then the model fails
+            app.main(["--model", str(tmp_path / "missing")])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_app_serves_the_fast_mode_unless_fp32_is_asked(tiny_checkpoint):
