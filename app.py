@@ -139,6 +139,15 @@ def load_captioner(model: str, int8: bool = True) -> ImageCaptioner:
     return captioner
 
 
+def warm_up(captioner: ImageCaptioner) -> None:
+    """Caption a blank image greedily and with beams once, so that the first user does not wait for what a fresh
+    process does once (oneDNN picks its convolution kernels, fbgemm its int8 paths): full model, beam 3,
+    the first caption takes ~400 ms instead of ~280 ms."""
+    blank = Image.new("RGB", (captioner.config.image_size,) * 2, "white")
+    for num_beams in (1, 3):
+        captioner.caption(blank, num_beams=num_beams, max_length=3)
+
+
 class CaptionService:
     """The loaded model shared by the UI and the HTTP routes: one forward at a time."""
 
@@ -462,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         captioner = load_captioner(model_id, int8=args.precision == "int8")
     except ModelLoadError as error:
         sys.exit(f"app.py: {error}")
+    warm_up(captioner)
 
     import uvicorn
 

@@ -358,3 +358,32 @@ def test_an_empty_caption_is_shown_not_crashed_on(ui, tmp_path, monkeypatch, cap
     assert data["grid_size"] == list(captioner.grid_size)
     picker, heatmap, gallery = ui.show_result(state, 0.5)
     assert picker.choices == [] and heatmap.value is None and gallery == []
+
+
+def test_main_sets_threads_warms_up_and_serves(tiny_checkpoint, monkeypatch):
+    """app.main end to end, uvicorn.run caught: threads set, the model warmed up (a greedy and a beam caption)
+    before serving, and the served app answers /health with what was asked for."""
+    import uvicorn
+
+    served, warmed = {}, []
+    real_warm_up = app.warm_up
+
+    def spy_warm_up(captioner):
+        calls = []
+        original = captioner.caption
+        captioner.caption = lambda image, **kw: calls.append(kw["num_beams"]) or original(image, **kw)
+        real_warm_up(captioner)
+        del captioner.caption
+        warmed.append(calls)
+
+    monkeypatch.setattr(app, "warm_up", spy_warm_up)
+    monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: served.update(app=asgi, **kw))
+    threads = torch.get_num_threads()
+    try:
+        app.main(["--model", tiny_checkpoint, "--precision", "fp32", "--threads", "1", "--port", "7999"])
+        assert warmed == [[1, 3]] and served["port"] == 7999
+        with serve(served["app"]) as url:
+            health = httpx.get(url + "/health").json()
+        assert health == {"status": "ok", "model": tiny_checkpoint, "precision": "fp32", "threads": 1}
+    finally:
+        torch.set_num_threads(threads)
