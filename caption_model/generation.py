@@ -37,7 +37,8 @@ class DecoderState:
 
     use_cache=True is the fast path (`cached_step.CachedBertDecoder`): one new token per step through the BERT
     layers' own weights (so an int8 model runs int8), self-attention keys/values appended to a per-layer cache,
-    cross-attention keys/values computed once. use_cache=False is the reference: the whole prefix through `BertModel.forward` every step.
+    cross-attention keys/values computed once. use_cache=False is the reference: the whole prefix through
+    `BertModel.forward` every step.
     """
 
     def __init__(self, model: "ImageCaptioner", visual: torch.Tensor, use_cache: bool, num_beams: int = 1):
@@ -45,7 +46,6 @@ class DecoderState:
         keys = model.decoder.head.attention.project_keys(visual)  # (B, P, A), once per image
         self.visual = repeat_rows(visual, num_beams)  # (N, P, D)
         self.keys = repeat_rows(keys, num_beams)  # (N, P, A)
-        self.use_cache = use_cache
         # the fast path: one token per step, KV cache, cross-attention K/V once per image
         self.cached = CachedBertDecoder(model.decoder.bert, visual, num_beams) if use_cache else None
         bos = model.config.bos_token_id
