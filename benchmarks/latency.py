@@ -45,6 +45,8 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from caption_model.threads import available_cpus  # noqa: E402
+
 NEW_TOKENS = 16
 BATCH = 8
 # Decoder shapes: bert-base (the `flickr8k` preset) and MiniLM-L6 (the `flickr8k-small` preset); both with the
@@ -242,7 +244,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-runs", type=int, default=None, help="repetitions for batch-8 throughput")
     parser.add_argument("--quick", action="store_true", help="3 runs, 1 warm-up, no peak-RSS subprocesses")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: what app.py uses, caption_model.threads.available_cpus())")
     parser.add_argument("--presets", default="full,flickr8k-small")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--encoder-bf16", action="store_true",
@@ -253,7 +256,7 @@ def main() -> None:
 
     if args.encoder_bf16:
         os.environ["LATENCY_ENCODER_BF16"] = "1"
-    threads = args.threads or _physical_cores()
+    threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
     import transformers
 
@@ -369,15 +372,6 @@ def _rounded(value):
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
     return value
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":
