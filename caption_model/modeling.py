@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +36,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------------------------------------------------
 # Image encoder
 # ---------------------------------------------------------------------------------------------------------
+class _OneDNNFusion:
+    """TorchScript's oneDNN Graph fusion switched on while any thread is inside, and back to what it was when the
+    last one leaves (the switch is process-global; save/restore per caller would leak it under concurrency)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._was_enabled = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._was_enabled = torch.jit.onednn_fusion_enabled()
+                torch.jit.enable_onednn_fusion(True)
+            self._inside += 1
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                torch.jit.enable_onednn_fusion(self._was_enabled)
+
+
+_ONEDNN_FUSION = _OneDNNFusion()
+
+
 class ImageEncoder(nn.Module):
     """ResNet-50 trunk up to `config.encoder_stage`, without avgpool/fc: (B, 3, S, S) -> (B, C, gh, gw).
 
     The stages before the first trainable one form the *frozen prefix*: always in eval mode, no gradients, and
     its output (`frozen_features`) is what a feature cache stores.
     """
+
+    graph: torch.jit.ScriptModule | None = None  # set by compile_graph (fast CPU inference)
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
@@ -98,6 +128,9 @@ class ImageEncoder(nn.Module):
         if weight.dtype != pixel_values.dtype or weight.is_contiguous(memory_format=torch.channels_last):
             # fuse_for_inference / to_bfloat16: channels-last input in the weights' dtype
             pixel_values = pixel_values.to(weight.dtype, memory_format=torch.channels_last)
+        if self.graph is not None:  # compile_graph: the whole trunk in one oneDNN-fused graph
+            with _ONEDNN_FUSION:
+                return self.graph(pixel_values).float()
         return self.forward_from_frozen(self.frozen_features(pixel_values)).float()
 
     def fuse_for_inference(self) -> None:
@@ -117,6 +150,24 @@ class ImageEncoder(nn.Module):
             setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
             setattr(parent, bn, nn.Identity())
         self.to(memory_format=torch.channels_last)
+
+    def compile_graph(self) -> None:
+        """Inference only, after fuse_for_inference (and to_bfloat16, if wanted): the trunk traced into one frozen
+        TorchScript graph that oneDNN Graph runs with fused kernels (convolution + ReLU, + residual add). Same
+        outputs to float rounding; ResNet-50 at 224 px on this machine: 48 -> 30 ms (2 threads), 84 -> 58 ms
+        (1 thread). The weights are frozen into the graph: after changing them, call this again. TorchScript
+        optimises a graph on its second or third call with a new input shape; the batch-1 shape is run here."""
+        trunk = nn.Sequential(*self.stages()).eval()
+        weight = self.stem.conv1.weight
+        size = self.config.image_size
+        example = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
+        example = example.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), warnings.catch_warnings(), _ONEDNN_FUSION:
+            warnings.simplefilter("ignore")  # TorchScript's maintenance-mode notices
+            graph = torch.jit.freeze(torch.jit.trace(trunk, example, check_trace=False))
+            for _ in range(3):  # profile, optimise, run: the first user does not wait for it
+                graph(example)
+        object.__setattr__(self, "graph", graph)  # not a submodule: no state_dict keys, no .to()/.train() walk
 
     def to_bfloat16(self) -> None:
         """Inference only: bf16 weights in channels-last layout, so oneDNN runs its AMX / AVX512-BF16 convolutions
@@ -313,8 +364,6 @@ class FusionDecoder(nn.Module):
         """Dynamic int8 quantisation (CPU, inference only) of the per-token weights: every BERT Linear, the fusion
         MLP and the output projection (an int8 copy; the fp32 embedding table stays for the input lookup).
         The additive attention (the heatmap) and the once-per-image parts stay fp32."""
-        import warnings
-
         V, D = self.bert.embeddings.word_embeddings.weight.shape
         vocab = nn.Linear(D, V, device="meta")  # (D -> V); the tied weights are copied in below
         vocab.weight = nn.Parameter(self.bert.embeddings.word_embeddings.weight.detach().clone())  # (V, D)
@@ -540,6 +589,7 @@ class ImageCaptioner(
             self.encoder.fuse_for_inference()
             if _cpu_has_native_bf16() if encoder_bf16 is None else encoder_bf16:
                 self.encoder.to_bfloat16()
+            self.encoder.compile_graph()
             _return_freed_memory_to_the_os()  # the fp32 decoder weights just freed: ~280 MB on the full model
         return self
 

@@ -189,3 +189,39 @@ def test_cached_step_equals_transformers_cached_forward(precision):
             theirs, past = model.decoder.hidden_states(tokens[:, t:t + 1], visual, past_key_values=past, use_cache=True)
             torch.testing.assert_close(ours(tokens[:, t:t + 1]), theirs, atol=1e-5, rtol=1e-5)
     assert ours.length == tokens.shape[1] and ours.cache[0][0].shape[2] == tokens.shape[1]
+
+
+def test_fast_mode_runs_the_encoder_as_one_fused_graph_with_the_eager_grid(tiny_trained_captioner, images):
+    """quantize_int8 traces the ResNet trunk into a frozen TorchScript graph (oneDNN Graph fuses its kernels):
+    the grid is the eager one to float rounding, for the traced batch size and for others; the graph is not a
+    submodule (no state_dict keys)."""
+    fast = copy.deepcopy(tiny_trained_captioner).quantize_int8()
+    assert isinstance(fast.encoder.graph, torch.jit.ScriptModule)
+    assert not any("graph" in key for key in fast.state_dict())
+    assert tiny_trained_captioner.encoder.graph is None  # the fp32 model runs eagerly
+    with torch.inference_mode():
+        for batch in (images[:1], images[:3], images[:1]):
+            pixels = tiny_trained_captioner.preprocess(batch)
+            torch.testing.assert_close(fast.encoder(pixels), tiny_trained_captioner.encoder(pixels),
+                                       atol=1e-4, rtol=1e-4)
+    assert not torch.jit.onednn_fusion_enabled()  # the global switch is only on while the graph runs
+
+
+def test_concurrent_encoders_leave_the_fusion_switch_as_it_was(tiny_trained_captioner, images):
+    """oneDNN fusion is a process-global TorchScript switch: two fast models encoding at once from 4 threads must
+    not leave it on (or turn it off for the other while it runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [copy.deepcopy(tiny_trained_captioner).quantize_int8() for _ in range(2)]
+    pixels = tiny_trained_captioner.preprocess(images[:2])
+    with torch.inference_mode():
+        expected = tiny_trained_captioner.encoder(pixels)
+
+        def encode(i):
+            return models[i % 2].encoder(pixels)
+
+        with ThreadPoolExecutor(4) as pool:
+            grids = list(pool.map(encode, range(24)))
+    for grid in grids:
+        torch.testing.assert_close(grid, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.jit.onednn_fusion_enabled()
