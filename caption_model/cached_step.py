@@ -2,7 +2,7 @@
 
 It computes what `BertModel.forward` computes in eval mode for the newest token (one query needs no causal mask),
 as straight-line functional calls on the layers' own weights. Walking the HF modules (a dozen nested `nn.Module`
-calls per layer, 16 tokens x 12 layers per caption) cost ~30 ms of Python per full-size caption, more than the
+calls per layer, 16 tokens x 12 layers per caption) cost 20-30 ms per full-size caption, more than the
 attention itself. Whatever a layer holds (fp32 `nn.Linear`, the int8 linears of `quantize_int8`, anything else
 callable) is used as is: only its call is made cheaper.
 
