@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from caption_model import Caption, ImageCaptioner
 from caption_model.heatmap import overlay
-from caption_model.images import load_image
+from caption_model.processing import load_image
 from caption_model.threads import set_inference_threads
 
 ROOT = Path(__file__).resolve().parent

@@ -267,7 +267,7 @@ def evaluate(model: ImageCaptioner, dataset, cfg: TrainConfig, desc: str = "eval
         images = [decode_image(im) for im in rows["image"]]
         captions += model.caption_batch(images, num_beams=cfg.eval_beams, max_length=cfg.eval_max_length)
     if "objects" in dataset.column_names:
-        from caption_model.images import load_image
+        from caption_model.processing import load_image
         from caption_model.metrics import shapes_scores
 
         objects = [[(o["colour"], o["shape"], tuple(o["box"])) for o in objs] for objs in dataset["objects"]]
@@ -481,7 +481,7 @@ def plot_samples(model: ImageCaptioner, dataset, out_path: Path, count: int = 4,
 
     from caption_model.feature_cache import decode_image
     from caption_model.heatmap import overlay
-    from caption_model.images import load_image
+    from caption_model.processing import load_image
 
     rows = dataset.select(range(min(count, len(dataset))))
     images = [load_image(decode_image(im)) for im in rows["image"]]

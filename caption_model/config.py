@@ -6,10 +6,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# Files of a checkpoint folder (ImageCaptioner.save_pretrained) and of a training run's folders.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINING_CONFIG_FILE = "training_config.json"
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.png"
+
+IGNORE_INDEX = -100  # label value the caption loss ignores (padding)
+
+# torchvision ResNet-50 stages: output channels and stride (input pixels per grid cell).
 ENCODER_STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-GROUNDING_LOSSES = ("pooled", "marginal")
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+GROUNDING_LOSSES = ("pooled", "marginal")
 
 
 @dataclass

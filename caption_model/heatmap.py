@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from .images import ImageInput, load_image
+from .processing import ImageInput, load_image
 
 
 def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
 from .config import ENCODER_STAGES, CaptionerConfig
-from .images import ImageInput, load_image
+from .processing import ImageInput, load_image
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -14,7 +14,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import app
 from caption_model.heatmap import overlay
-from caption_model.images import load_image
+from caption_model.processing import load_image
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from caption_model.heatmap import overlay
-from caption_model.images import load_image
+from caption_model.processing import load_image
 
 RED = (220, 40, 40)
 BLUE = (40, 80, 220)
