@@ -18,8 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
-from caption_model.feature_cache import FeatureCache  # noqa: E402
+from caption_model.training.collate import collator_for  # noqa: E402
+from caption_model.training.config import preset_config  # noqa: E402
+from caption_model.training.data import load_training_data  # noqa: E402
+from caption_model.training.feature_cache import FeatureCache  # noqa: E402
+from caption_model.training.loop import build_model, parameter_groups  # noqa: E402
 
 
 def run_epoch(model, loader, optimizer, cfg) -> float:
@@ -40,15 +43,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="epochs timed per mode (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg, _ = train.parse_args(["--preset", "shapes", "--shapes-sizes", f"{args.images},1,1"])
-    data, _ = train.load_data(cfg)
-    model = train.build_model(cfg, [c for caps in data["train"]["captions"] for c in caps])
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, cfg))
+    cfg = preset_config("shapes", shapes_sizes=[args.images, 1, 1])
+    data = load_training_data(cfg)
+    model = build_model(cfg, [c for caps in data["train"]["captions"] for c in caps])
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = FeatureCache(cache_dir, model)
         loaders = {
-            "no cache": train.CaptionBatches(model, None, cfg.max_caption_words + 2, cfg.seed),
-            "cache": train.CaptionBatches(model, cache, cfg.max_caption_words + 2, cfg.seed),
+            "no cache": collator_for(model, None, max_length=cfg.max_caption_words + 2, seed=cfg.seed),
+            "cache": collator_for(model, cache, max_length=cfg.max_caption_words + 2, seed=cfg.seed),
         }
 
         def loader(name):

@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from caption_model import ImageCaptioner  # noqa: E402
-from caption_model.metrics import shapes_scores  # noqa: E402
-from caption_model.shapes import generate_shapes_example  # noqa: E402
+from caption_model.training.metrics import shapes_scores  # noqa: E402
+from caption_model.training.shapes import generate_shapes_example  # noqa: E402
 
 MIN_AGREEMENT = 0.95
 MAX_F1_CHANGE = 0.01

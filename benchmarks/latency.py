@@ -191,7 +191,7 @@ def _rss_child(name: str) -> None:
 
 
 def test_images(n: int):
-    from caption_model.shapes import generate_shapes_example
+    from caption_model.training.shapes import generate_shapes_example
 
     rng = np.random.default_rng(0)
     return [generate_shapes_example(rng).image for _ in range(n)]

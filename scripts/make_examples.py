@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from caption_model.shapes import generate_shapes_example  # noqa: E402
+from caption_model.training.shapes import generate_shapes_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "examples"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from caption_model import CaptionerConfig, ImageCaptioner
-from caption_model.shapes import generate_shapes_example, shapes_corpus
-from caption_model.tokenization import train_wordpiece_tokenizer
+from caption_model.training.shapes import generate_shapes_example, shapes_corpus
+from caption_model.training.tokenization import train_wordpiece_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -1,4 +1,4 @@
-"""caption_model.data: every source layout, bad-record counting, splits, cleaning, collate. Offline, tiny."""
+"""caption_model.training data, sources and collate: every layout, bad records, splits, cleaning. Offline, tiny."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
-from caption_model import data
-from caption_model.data import (CaptionCollator, clean_caption, karpathy_split, karpathy_split_sizes,
-                                load_caption_dataset, load_shapes_dataset)
+from caption_model.training import data, sources
+from caption_model.training.collate import CaptionCollator
+from caption_model.training.data import clean_caption, load_caption_dataset, load_shapes_dataset
+from caption_model.training.sources import karpathy_split, karpathy_split_sizes
 
 N_IMAGES = 16  # Karpathy-style split of 16 images: 12/2/2
 CORRUPT = "img_03.jpg"  # truncated JPEG in folders, not an image in parquet
@@ -68,7 +69,7 @@ def test_kaggle_layout_with_commas_and_bad_records(tmp_path, caplog):
         for name in image_names():
             for cap in captions_for(name):
                 writer.writerow([name, cap])
-    with caplog.at_level(logging.WARNING, logger="caption_model.data"):
+    with caplog.at_level(logging.WARNING, logger="caption_model.training.data"):
         dd, report = load_caption_dataset(tmp_path, return_report=True)
     assert_bad_records_counted(dd, report)
     assert "skipped 1 unreadable images, 1 empty captions" in caplog.text
@@ -106,7 +107,7 @@ def test_original_layout_without_split_files_is_karpathy_split(tmp_path):
     dd, report = load_caption_dataset(tmp_path, seed=3, return_report=True)
     assert_bad_records_counted(dd, report)
     expected = karpathy_split(image_names(), seed=3)
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         assert dd[split]["image_id"] == sorted(set(expected[split]) - {CORRUPT})
 
 
@@ -149,7 +150,7 @@ def test_hub_id_goes_through_datasets_load_dataset(monkeypatch):
                        "validation": jxie_schema_dataset(names[10:13], "validation"),
                        "test": jxie_schema_dataset(names[13:], "test")})
     calls = []
-    monkeypatch.setattr(data, "load_dataset", lambda path, **kw: calls.append(path) or hub)
+    monkeypatch.setattr(sources, "load_dataset", lambda path, **kw: calls.append(path) or hub)
     dd, report = load_caption_dataset(return_report=True)  # default source
     assert calls == ["jxie/flickr8k"]
     assert_bad_records_counted(dd, report)
@@ -174,7 +175,7 @@ def test_karpathy_split_sizes_and_determinism():
     names = [f"{i:05d}.jpg" for i in range(8000)]
     split = karpathy_split(names[::-1], seed=0)  # input order must not matter: sorted first
     assert split == karpathy_split(names, seed=0)
-    assert [len(split[s]) for s in data.SPLITS] == [6000, 1000, 1000]
+    assert [len(split[s]) for s in sources.SPLITS] == [6000, 1000, 1000]
     assert set().union(*map(set, split.values())) == set(names)
     assert split["test"] != karpathy_split(names, seed=1)["test"]
 
@@ -194,13 +195,13 @@ def test_clean_caption():
 
 def test_shapes_dataset_splits_differ_and_keep_objects():
     dd = load_shapes_dataset(num_train=4, num_val=3, num_test=3, seed=7)
-    assert [len(dd[s]) for s in data.SPLITS] == [4, 3, 3]
+    assert [len(dd[s]) for s in sources.SPLITS] == [4, 3, 3]
     row = dd["validation"][0]
     assert isinstance(row["image"], PILImage.Image) and len(row["captions"]) == 5
     obj = row["objects"][0]
     assert set(obj) == {"colour", "shape", "box"} and len(obj["box"]) == 4
     assert f"{obj['colour']} {obj['shape']}" in row["captions"][0]
-    pixels = [np.asarray(dd[s][0]["image"]) for s in data.SPLITS]
+    pixels = [np.asarray(dd[s][0]["image"]) for s in sources.SPLITS]
     assert not any(a.shape == b.shape and (a == b).all() for a, b in [(pixels[0], pixels[1]), (pixels[1], pixels[2])])
     again = load_shapes_dataset(num_train=1, num_val=3, num_test=0, seed=7)  # a split ignores other splits' sizes
     assert again["validation"]["captions"] == dd["validation"]["captions"]
@@ -233,8 +234,9 @@ def rows():
 
 
 def test_collator_one_random_caption_per_image(bert_tokenizer):
-    collate = CaptionCollator(bert_tokenizer, max_length=6, preprocess=fake_preprocess, seed=0)
+    collate = CaptionCollator(bert_tokenizer, max_length=6, prepare_images=fake_preprocess, seed=0)
     batch = collate(rows())
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}  # forward's arguments only
     assert batch["pixel_values"].shape == (2, 3, 8, 8)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 2 and ids.shape[1] <= 6
@@ -243,21 +245,42 @@ def test_collator_one_random_caption_per_image(bert_tokenizer):
         n = int(mask[i].sum())
         assert ids[i, n - 1] == bert_tokenizer.sep_token_id  # [SEP] kept even when truncated
         assert (labels[i, :n] == ids[i, :n]).all() and (labels[i, n:] == -100).all()
-    assert batch["image_ids"] == ["a", "b"] and batch["references"][1] == ["a red circle"]
-    seen = {bert_tokenizer.decode(collate(rows())["input_ids"][0], skip_special_tokens=True) for _ in range(40)}
-    assert seen == {"a dog", "a dog runs on", "a red circle"}  # every caption drawn over "epochs"; one truncated
+    assert bert_tokenizer.decode(ids[1], skip_special_tokens=True) == "a red circle"  # row b's only reference
+    seen = set()
+    for epoch in range(40):
+        collate.set_epoch(epoch)
+        seen.add(bert_tokenizer.decode(collate(rows())["input_ids"][0], skip_special_tokens=True))
+    assert seen == {"a dog", "a dog runs on", "a red circle"}  # every caption drawn over epochs; one truncated
 
 
-def test_collator_flatten_keeps_every_reference(bert_tokenizer):
-    batch = CaptionCollator(bert_tokenizer, max_length=12, preprocess=fake_preprocess, flatten=True)(rows())
+def test_collator_caption_choice_depends_only_on_seed_epoch_and_images(bert_tokenizer):
+    def draws(seed: int, epoch: int) -> list:
+        collate = CaptionCollator(bert_tokenizer, max_length=12, prepare_images=fake_preprocess, seed=seed)
+        collate.set_epoch(epoch)
+        return [collate(rows())["input_ids"].tolist() for _ in range(3)]
+
+    assert draws(0, 1) == draws(0, 1)  # a resumed run (a new collator) draws what the first run drew
+    assert draws(0, 1)[0] == draws(0, 1)[2]
+    assert len({str(draws(seed, epoch)[0]) for seed in range(3) for epoch in range(5)}) > 1
+
+
+def test_collator_all_captions_keeps_every_reference(bert_tokenizer):
+    batch = CaptionCollator(bert_tokenizer, max_length=12, prepare_images=fake_preprocess, all_captions=True)(rows())
     assert batch["input_ids"].shape[0] == 4 and batch["image_index"].tolist() == [0, 0, 0, 1]
-    assert batch["pixel_values"].shape == (4, 3, 8, 8)
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10.0, 10.0, 10.0, 20.0]
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)  # each image prepared once; image_index picks it per caption
+    per_caption = batch["pixel_values"].index_select(0, batch["image_index"])  # what the model reads: (4, 3, 8, 8)
+    assert per_caption[:, 0, 0, 0].tolist() == [10.0, 10.0, 10.0, 20.0]
     texts = bert_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert texts == ["a dog", "a dog runs on the grass", "a red circle", "a red circle"]
 
 
+def test_collator_with_feature_cache_passes_image_features(bert_tokenizer):
+    collate = CaptionCollator(bert_tokenizer, max_length=8, prepare_images=fake_preprocess,
+                              image_input="image_features")
+    assert collate(rows())["image_features"].shape == (2, 3, 8, 8)
+
+
 def test_collator_rejects_rows_without_captions(bert_tokenizer):
-    collate = CaptionCollator(bert_tokenizer, max_length=8, preprocess=fake_preprocess)
+    collate = CaptionCollator(bert_tokenizer, max_length=8, prepare_images=fake_preprocess)
     with pytest.raises(ValueError, match="non-empty `captions`"):
         collate([{"image": None, "image_id": "x", "captions": []}])

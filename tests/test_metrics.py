@@ -1,4 +1,4 @@
-"""caption_model.metrics: COCO-caption scores equal pycocoevalcap's, the no-Java fallback, shapes metrics."""
+"""caption_model.training.metrics: COCO-caption scores equal pycocoevalcap's, the no-Java fallback, shapes metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import evaluate
 import numpy as np
 import pytest
 
-from caption_model.metrics import (COCO_CAPTION_METRIC_PATH, coco_caption_scores, object_f1, object_pairs,
-                                   pointing_accuracy, pointing_counts, python_tokenize, shapes_scores)
-from caption_model.shapes import ShapeObject
+from caption_model.training.metrics import (COCO_CAPTION_METRIC_PATH, coco_caption_scores, object_f1,
+                                            object_pairs, pointing_accuracy, pointing_counts, python_tokenize,
+                                            shapes_scores)
+from caption_model.training.shapes import ShapeObject
 
 # A fixed example with capitals, punctuation and clitics, so tokenisation matters.
 PREDICTIONS = ["A brown dog runs on the grass.", "Two men are playing soccer, outside.", "a girl's red bike",
@@ -51,7 +52,7 @@ def pycocoevalcap_reference_scores() -> dict[str, float]:
 
 
 def test_evaluate_module_reproduces_pycocoevalcap():
-    assert shutil.which("java"), "this machine is expected to have Java (DESIGN.md)"
+    assert shutil.which("java"), "this machine is expected to have Java (the COCO reference needs it)"
     expected = pycocoevalcap_reference_scores()
     got = evaluate.load(COCO_CAPTION_METRIC_PATH).compute(predictions=PREDICTIONS, references=REFERENCES)
     assert set(got) == COCO_KEYS

@@ -1,8 +1,10 @@
-"""train.py end to end on a tiny shapes config: checkpoints, resume, feature cache, outputs."""
+"""train.py / caption_model.training end to end on a tiny shapes config: checkpoints, resume, cache, outputs."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from safetensors.torch import load_file
 
 import train
 from caption_model import ImageCaptioner
+from caption_model.training import loop
+from caption_model.training.checkpointing import load_training_state, to_json, write_folder_atomically
 
 TINY = [
     "--preset", "shapes", "--shapes-sizes", "24,6,6", "--image-size", "64", "--encoder-stage", "layer2",
@@ -26,8 +30,21 @@ def run(tmp_path: Path, name: str, *extra: str) -> Path:
     return output
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (Python's json accepts them; other JSON readers do not)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def read_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return [strict_json(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path):
@@ -38,8 +55,9 @@ def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path):
             p.name for p in folder.iterdir()}
         assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in folder.iterdir())
     assert json.loads((output / "best" / "training_config.json").read_text())["image_size"] == 64
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = strict_json((output / "metrics.json").read_text())
     assert {"object_f1", "pointing_accuracy"} <= set(metrics["test"]) and "validation" in metrics
+    assert stat.S_IMODE((output / "best").stat().st_mode) == 0o777 & ~current_umask()
     for plot in ("loss_curve.png", "samples.png"):
         assert (output / plot).stat().st_size > 1000
     model = ImageCaptioner.from_pretrained(str(output / "best"))
@@ -69,17 +87,17 @@ def test_kill_and_resume_continues_at_the_same_step_with_the_same_state(tmp_path
     class Killed(Exception):
         pass
 
-    real_save = train.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_die(folder, *args, **kwargs):
         real_save(folder, *args, **kwargs)
         if Path(folder).name == "last" and kwargs.get("state", {}).get("step") == 2:
             raise Killed  # the process dies right after writing last/ at step 2 (mid-epoch: 3 steps per epoch)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run(tmp_path, "killed", "--max-steps", "5", "--save-every-steps", "2")
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     killed = tmp_path / "killed"
     state = json.loads((killed / "last" / "training_state.json").read_text())
     assert (state["step"], state["epoch"], state["batches_done"]) == (2, 0, 2)
@@ -88,9 +106,9 @@ def test_kill_and_resume_continues_at_the_same_step_with_the_same_state(tmp_path
     # Resuming restores exactly the optimizer state that was saved ...
     cfg, _ = train.parse_args(TINY + ["--output-dir", str(killed), "--max-steps", "5"])
     model = ImageCaptioner.from_pretrained(str(killed / "last"))
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, cfg))
+    optimizer = torch.optim.AdamW(loop.parameter_groups(model, cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    restored = train.load_training_state(killed / "last", optimizer, scheduler)
+    restored = load_training_state(killed / "last", optimizer, scheduler)
     assert restored["step"] == 2
     for param_id, param_state in optimizer.state_dict()["state"].items():
         for name, value in param_state.items():
@@ -137,3 +155,26 @@ def test_eval_only_prints_metrics_of_a_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("{"):])
     assert printed["split"] == "validation" and 0.0 <= printed["object_f1"] <= 1.0
+
+
+def test_metrics_json_writes_null_for_non_finite_numbers():
+    text = to_json({"test": {"object_f1": 0.5, "pointing_accuracy": float("nan")}, "scores": [float("-inf"), 1.0]})
+    assert strict_json(text) == {"test": {"object_f1": 0.5, "pointing_accuracy": None}, "scores": [None, 1.0]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_folders_get_the_usual_modes(tmp_path, umask):
+    def write(temp: Path) -> None:
+        (temp / "config.json").write_text("{}")
+        (temp / "sub").mkdir()
+
+    previous = os.umask(umask)
+    try:
+        for _ in range(2):  # a new folder, then a replaced one
+            folder = write_folder_atomically(tmp_path / "best", write)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # tempfile.mkdtemp would give 0700
+    assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no temp or .old folder left

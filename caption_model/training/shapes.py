@@ -1,6 +1,6 @@
 """Synthetic shapes images: the offline smoke/demo dataset, with ground-truth boxes for grounding metrics.
 
-Spec (DESIGN.md): canvas W, H uniform in [160, 480]; background one RGB colour, channels in [225, 255];
+Spec: canvas W, H uniform in [160, 480]; background one RGB colour, channels in [225, 255];
 1-3 objects, distinct (colour, shape) pairs, non-overlapping boxes of side [0.2, 0.35] * min(W, H) fully inside
 the canvas. Every caption names each object once as "<colour> <shape>"; relations come from box centres.
 """
@@ -108,7 +108,7 @@ def make_captions(objects: list[ShapeObject], rng: np.random.Generator) -> list[
 
 
 def generate_shapes_example(rng: np.random.Generator, max_tries: int = 200) -> ShapesExample:
-    """One image of the DESIGN.md spec with five captions and the objects' boxes."""
+    """One image of the spec above with five captions and the objects' boxes."""
     width, height = (int(v) for v in rng.integers(160, 481, size=2))
     background = tuple(int(v) for v in rng.integers(225, 256, size=3))
     num_objects = int(rng.integers(1, 4))

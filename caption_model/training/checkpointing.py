@@ -2,22 +2,39 @@
 
 A checkpoint folder is written next to its final place and swapped in with renames, so a kill at any moment
 leaves either the old complete folder or the new complete one (`recover_checkpoint` finishes an interrupted swap).
+Folders and files get the usual modes (0777 / 0666 minus the umask), like any folder the user creates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from caption_model.config import TRAINING_CONFIG_FILE
+
 TRAINING_STATE_WEIGHTS = "training_state.safetensors"
 TRAINING_STATE_JSON = "training_state.json"
+
+
+def to_json(payload: Any, indent: int | None = 2) -> str:
+    """Strict JSON text: non-finite floats (a NaN metric, -inf) become null, since NaN and Infinity are not JSON."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(payload), indent=indent, allow_nan=False)
 
 
 def recover_checkpoint(final: Path) -> None:
@@ -34,7 +51,9 @@ def write_folder_atomically(final: str | os.PathLike, write: Callable[[Path], No
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(final)
-    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdir honours the umask (tempfile.mkdtemp would make the published folder 0700); the random name is unique.
+    temp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+    temp.mkdir()
     try:
         write(temp)
         old = final.with_name(final.name + ".old")
@@ -46,6 +65,21 @@ def write_folder_atomically(final: str | os.PathLike, write: Callable[[Path], No
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return final
+
+
+def save_checkpoint(folder: str | os.PathLike, model, training_config: dict, extra: dict | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    state: dict | None = None) -> Path:
+    """Atomically write a Hub-format folder (`model.save_pretrained`) + training_config.json + `extra` JSON files
+    ({file name: payload}); with an optimizer, also the training state that makes the folder resumable."""
+    def write(temp: Path) -> None:
+        model.save_pretrained(temp)
+        (temp / TRAINING_CONFIG_FILE).write_text(to_json(training_config))
+        for name, payload in (extra or {}).items():
+            (temp / name).write_text(to_json(payload))
+        if optimizer is not None:
+            save_training_state(temp, optimizer, scheduler, state or {})
+    return write_folder_atomically(folder, write)
 
 
 def save_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict) -> None:
@@ -67,7 +101,7 @@ def save_training_state(folder: Path, optimizer: torch.optim.Optimizer, schedule
         "optimizer_scalars": scalars,
         "scheduler": scheduler.state_dict(),
     }
-    (folder / TRAINING_STATE_JSON).write_text(json.dumps(payload, indent=2))
+    (folder / TRAINING_STATE_JSON).write_text(to_json(payload))
 
 
 def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:

@@ -1,7 +1,7 @@
 """COCO-caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) from pycocoevalcap, as an `evaluate` module.
 
     import evaluate
-    metric = evaluate.load("caption_model/coco_caption_metric")     # a local folder: works offline
+    metric = evaluate.load("caption_model/training/coco_caption_metric")     # a local folder: works offline
     metric.compute(predictions=["a dog runs"], references=[["a dog is running", "a brown dog runs"]])
     # {"Bleu_1": ..., "Bleu_2": ..., "Bleu_3": ..., "Bleu_4": ..., "METEOR": ..., "ROUGE_L": ..., "CIDEr": ...}
 

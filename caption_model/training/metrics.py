@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from caption_model.coco_caption_metric.coco_caption_metric import (coco_caption_scores, java_available,
-                                                                   ptb_tokenize, python_tokenize)
-from caption_model.shapes import COLOUR_WORDS, SHAPE_WORDS
+from caption_model.training.coco_caption_metric.coco_caption_metric import (coco_caption_scores, java_available,
+                                                                            ptb_tokenize, python_tokenize)
+from caption_model.training.shapes import COLOUR_WORDS, SHAPE_WORDS
 
 __all__ = ["COCO_CAPTION_METRIC_PATH", "coco_caption_scores", "java_available", "ptb_tokenize", "python_tokenize",
            "object_pairs", "object_f1", "pointing_counts", "pointing_accuracy", "shapes_scores"]

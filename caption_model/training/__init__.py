@@ -1,0 +1,36 @@
+"""Training: data sources, the collator, feature cache, checkpoints, metrics and the training loop.
+
+    from caption_model.training import train_preset
+    best = train_preset("shapes", output_dir="checkpoints/shapes", epochs=2)   # -> checkpoints/shapes/best
+
+`train.py` is the command line over `TrainConfig` / `train`. Importing this package is cheap: the loop (and with it
+`datasets` and `accelerate`) loads when training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from caption_model.training.config import PRESETS, TrainConfig
+    from caption_model.training.loop import train
+
+__all__ = ["PRESETS", "TrainConfig", "train", "train_preset"]
+_HOMES = {"PRESETS": "config", "TrainConfig": "config", "train": "loop"}
+
+
+def train_preset(preset: str = "shapes", output_dir: str | os.PathLike = "checkpoints/shapes", **overrides) -> Path:
+    """Train a preset with some TrainConfig fields overridden (`epochs=2`); returns the best/ checkpoint folder."""
+    from caption_model.training.config import preset_config
+    from caption_model.training.loop import train
+
+    return train(preset_config(preset, **overrides, output_dir=os.fspath(output_dir))) / "best"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)

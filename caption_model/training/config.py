@@ -1,0 +1,102 @@
+"""TrainConfig: every choice of a training run, saved with each checkpoint as training_config.json; the presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from caption_model import CaptionerConfig
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    source: str = "jxie/flickr8k"  # Hub dataset id, local folder/parquet, or "shapes"
+    shapes_sizes: list[int] = field(default_factory=lambda: [3000, 200, 200])  # shapes train/val/test images
+    max_train_images: int | None = None  # use only the first N training images (quick runs)
+    max_eval_images: int | None = None  # evaluate on the first N images of a split
+    max_caption_words: int = 30  # captions are cleaned and cut to this many words
+    # --- model ---
+    decoder: str | None = "bert-base-uncased"  # BERT checkpoint (Hub id or local path); None: random decoder
+    encoder_weights: str | None = "IMAGENET1K_V2"  # torchvision ResNet-50 weights; None: random
+    image_size: int = 224  # input side S (images resized to S x S)
+    encoder_stage: str = "layer4"  # last ResNet stage kept; its grid is the heatmap grid
+    encoder_trainable: list[str] = field(default_factory=list)  # ResNet stages that train; the rest stay frozen
+    hidden_size: int = 768  # random decoder only (a pretrained one brings its own sizes)
+    num_hidden_layers: int = 12  # random decoder only
+    num_attention_heads: int = 12  # random decoder only
+    intermediate_size: int = 3072  # random decoder only: feed-forward width
+    max_position_embeddings: int = 64  # random decoder only: longest caption in tokens
+    attention_dim: int = 512  # width of the additive attention of the fusion head
+    dropout: float = 0.1  # decoder, attention and fusion dropout
+    tokenizer_vocab_size: int = 8000  # WordPiece vocabulary trained on the captions (random decoder only)
+    # --- optimisation ---
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 64  # images per step and process
+    gradient_accumulation_steps: int = 1
+    lr: float = 3e-4  # new layers: projection, fusion head, cross-attention of a pretrained BERT
+    lr_decoder: float = 3e-5  # pretrained BERT layers
+    lr_encoder: float = 1e-5  # unfrozen ResNet stages
+    weight_decay: float = 0.01  # AdamW, not on biases and norms
+    warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0: none
+    label_smoothing: float = 0.1  # token cross-entropy label smoothing
+    attention_penalty: float = 1.0  # doubly-stochastic attention penalty weight (Show, Attend and Tell)
+    context_loss_weight: float = 0.5  # grounding aid: also predict each word from its attended context alone
+    grounding_loss: str = "pooled"  # pooled: from the attention-pooled context; marginal: from one attended cell
+    all_captions: bool = False  # train on every caption of an image per step (image encoded once) vs one random
+    feature_cache: bool = True  # cache the frozen encoder part's output on disk
+    cache_dir: str | None = None  # default: <output_dir>/feature_cache
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    # --- evaluation, logging, checkpoints ---
+    eval_beams: int = 3  # beam width when scoring validation/test
+    eval_max_length: int = 30  # longest generated caption when scoring, in tokens
+    eval_every_epochs: int = 1  # validate (and maybe update best/) every N epochs
+    save_every_steps: int | None = None  # also save last/ every N steps (default: at each epoch end)
+    log_every_steps: int = 10  # one log.jsonl record every N steps
+    report_to: str | None = None  # tensorboard | trackio | mlflow (through Accelerate, when installed)
+    num_workers: int = 0  # DataLoader worker processes
+    num_threads: int | None = None  # torch CPU threads (default: torch's choice, one per core)
+    seed: int = 0  # model init, data order, caption choice, Karpathy split, shapes images
+    output_dir: str = "checkpoints/run"  # best/, last/, metrics.json, log.jsonl, plots
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Flickr8k, full size: ImageNet ResNet-50 (frozen, cached features) + bert-base-uncased. Needs a GPU.
+    "flickr8k": dict(source="jxie/flickr8k", decoder="bert-base-uncased", epochs=10, batch_size=64),
+    # Flickr8k, small enough for a free CPU Space: 6-layer MiniLM decoder (BERT, bert-base-uncased vocabulary).
+    "flickr8k-small": dict(source="jxie/flickr8k", decoder="sentence-transformers/all-MiniLM-L6-v2", epochs=10,
+                           batch_size=64, lr_decoder=5e-5),
+    # Synthetic shapes on a CPU: no pretrained weights offline, so a 128 px input, ResNet-50 up to layer3 (8x8 grid)
+    # with layer3 trained (stem..layer2 frozen and cached), a small random BERT and a caption vocabulary.
+    # Grounding: the context-only word loss (weight 2; 1 and 3 pointed worse in side-by-side runs) and no
+    # doubly-stochastic penalty, which spread the attention of object words onto the background.
+    "shapes": dict(source="shapes", decoder=None, encoder_weights=None, image_size=128, encoder_stage="layer3",
+                   encoder_trainable=["layer3"], hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=512, attention_dim=128, max_position_embeddings=40, tokenizer_vocab_size=200,
+                   shapes_sizes=[4000, 200, 200], epochs=6, batch_size=32, lr=5e-4, lr_decoder=5e-4,
+                   lr_encoder=1e-3, warmup_ratio=0.1, eval_beams=1, eval_max_length=24, max_eval_images=200,
+                   dropout=0.0, attention_penalty=0.0, context_loss_weight=2.0),
+}
+
+
+def preset_config(preset: str, **overrides: Any) -> TrainConfig:
+    """A preset's TrainConfig with some fields replaced."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    return TrainConfig(**{**PRESETS[preset], **overrides})
+
+
+def model_config(cfg: TrainConfig) -> CaptionerConfig:
+    """The CaptionerConfig of a new model trained with `cfg`."""
+    return CaptionerConfig(
+        image_size=cfg.image_size, encoder_stage=cfg.encoder_stage, encoder_trainable=list(cfg.encoder_trainable),
+        encoder_weights=cfg.encoder_weights, decoder_name=cfg.decoder, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+        attention_dim=cfg.attention_dim, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        fusion_dropout=cfg.dropout, label_smoothing=cfg.label_smoothing, attention_penalty=cfg.attention_penalty,
+        grounded_heatmaps=cfg.context_loss_weight > 0,  # the evidence comes from the context-only head
+        grounding_loss=cfg.grounding_loss,
+    )

@@ -1,0 +1,206 @@
+"""Caption datasets for training and evaluation: one schema for every source, bad records skipped and counted.
+
+Every source (`sources.load_source`, or "shapes") ends as a `datasets.DatasetDict` with splits
+train/validation/test and one schema:
+
+    image     datasets.Image()   (bytes or a local path; decodes to PIL)
+    captions  list[str]          cleaned (lowercase, no punctuation, at most `max_words` words), never empty
+    image_id  str                file name for Flickr8k, "shapes-<split>-<n>" for shapes
+    objects   list[{colour, shape, box}]   shapes only (ground truth for object F1 / pointing accuracy)
+
+Bad records never crash a run: an unreadable image (missing, corrupt, truncated, not an image) drops its record,
+an empty caption drops that caption (and the record when none is left); all are counted in a `LoadReport` and
+logged.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Image, List, Value, concatenate_datasets
+from PIL import Image as PILImage
+
+from caption_model.training.shapes import generate_shapes_example
+from caption_model.training.sources import SPLITS, load_source
+
+if TYPE_CHECKING:
+    from caption_model.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "jxie/flickr8k"
+MAX_CAPTION_WORDS = 30
+
+
+# --------------------------------------------------------------------------------------------------- cleaning
+
+
+def clean_caption(text: str | None, max_words: int | None = MAX_CAPTION_WORDS) -> str:
+    """Lowercase, drop apostrophes, turn other punctuation into spaces, collapse whitespace, keep `max_words`."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a caption string, got {type(text).__name__}: {text!r}")
+    text = re.sub(r"['\u2019`]", "", text.lower())  # "dog's" -> "dogs"
+    words = re.sub(r"[\W_]+", " ", text).split()  # "t-shirt," -> "t shirt"
+    return " ".join(words[:max_words] if max_words else words)
+
+
+# ----------------------------------------------------------------------------------------------- load report
+
+
+@dataclass
+class LoadReport:
+    """What loading dropped, per reason (counts over all splits) and the kept images per split."""
+
+    unreadable_images: int = 0  # missing, corrupt, truncated or not an image: record dropped
+    empty_captions: int = 0  # caption text empty after cleaning: caption dropped
+    images_without_captions: int = 0  # readable image whose captions were all empty: record dropped
+    kept: dict[str, int] = field(default_factory=dict)  # split -> images kept
+    unreadable_ids: list[str] = field(default_factory=list)  # image_id of every unreadable image
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{k}={v}" for k, v in self.kept.items())
+        return (f"skipped {self.unreadable_images} unreadable images, {self.empty_captions} empty captions, "
+                f"{self.images_without_captions} images without captions; kept {kept}")
+
+
+# ------------------------------------------------------------------------------------------ record checking
+
+
+def _image_readable(image: dict) -> bool:
+    """True when PIL can verify and fully decode the image given as {"bytes", "path"}."""
+    try:
+        def open_image():
+            data = image.get("bytes")
+            return PILImage.open(io.BytesIO(data) if data else image["path"])
+
+        with open_image() as im:
+            im.verify()  # structure / checksums
+        with open_image() as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still reads every scan (catches truncation)
+            im.load()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return False
+
+
+def _check_record(image: dict, captions: list, max_words: int | None, validate: bool) -> dict:
+    """Columns `captions` (cleaned, empties dropped), `_empty` (how many dropped), `_readable`."""
+    cleaned = [clean_caption(c, max_words) for c in captions]
+    kept = [c for c in cleaned if c]
+    return {"captions": kept, "_empty": len(cleaned) - len(kept),
+            "_readable": _image_readable(image) if validate else True}
+
+
+def _clean_split(ds: Dataset, max_words: int | None, report: LoadReport, validate_images: bool) -> Dataset:
+    """Clean captions, drop unreadable images and empty captions (counted in `report`), decode images as PIL."""
+    ds = ds.cast_column("image", Image(decode=False))
+    checks = ds.map(_check_record, input_columns=["image", "captions"], remove_columns=ds.column_names,
+                    fn_kwargs={"max_words": max_words, "validate": validate_images}, num_proc=1,
+                    desc="checking images and captions")
+    ds = concatenate_datasets([ds.remove_columns("captions"), checks], axis=1)
+
+    readable = np.asarray(list(ds["_readable"]), dtype=bool)
+    has_caption = np.asarray([len(c) > 0 for c in ds["captions"]], dtype=bool)
+    ids = list(ds["image_id"])
+    report.unreadable_images += int((~readable).sum())
+    report.unreadable_ids += [ids[i] for i in np.flatnonzero(~readable)]
+    report.empty_captions += int(sum(ds["_empty"]))
+    report.images_without_captions += int((readable & ~has_caption).sum())
+
+    ds = ds.select(np.flatnonzero(readable & has_caption))
+    return ds.remove_columns(["_readable", "_empty"]).cast_column("image", Image())
+
+
+def _finish(splits: dict[str, Dataset], max_words: int | None, validate_images: bool,
+            source: str) -> tuple[DatasetDict, LoadReport]:
+    report = LoadReport()
+    out = DatasetDict()
+    for name in SPLITS:
+        out[name] = _clean_split(splits[name], max_words, report, validate_images)
+        report.kept[name] = len(out[name])
+    log = logger.warning if report.unreadable_images or report.empty_captions else logger.info
+    log("%s: %s", source, report.summary())
+    return out, report
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+_SHAPES_FEATURES = Features(
+    image=Image(), captions=List(Value("string")), image_id=Value("string"),
+    objects=List({"colour": Value("string"), "shape": Value("string"), "box": List(Value("int32"))}))
+
+
+def _shapes_split(name: str, size: int, rng: np.random.Generator) -> Dataset:
+    rows: dict[str, list] = {"image": [], "captions": [], "image_id": [], "objects": []}
+    for i in range(size):
+        example = generate_shapes_example(rng)
+        rows["image"].append(example.image)
+        rows["captions"].append([clean_caption(c) for c in example.captions])
+        rows["image_id"].append(f"shapes-{name}-{i:06d}")
+        rows["objects"].append([{"colour": o.colour, "shape": o.shape, "box": [int(v) for v in o.box]}
+                                for o in example.objects])
+    return Dataset.from_dict(rows, features=_SHAPES_FEATURES)
+
+
+def load_shapes_dataset(num_train: int = 2000, num_val: int = 200, num_test: int = 200,
+                        seed: int = 0) -> DatasetDict:
+    """Synthetic shapes images (`shapes.generate_shapes_example`) with 5 captions and an `objects` column of boxes.
+
+    Each split draws from its own random stream (seeded with (seed, split index)), so no image repeats across
+    splits and a split's images do not depend on the other splits' sizes.
+    """
+    sizes = {"train": num_train, "validation": num_val, "test": num_test}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"expected a non-negative int for the {name} size, got {size!r}")
+    return DatasetDict({name: _shapes_split(name, size, np.random.default_rng([seed, index]))
+                        for index, (name, size) in enumerate(sizes.items())})
+
+
+
+# ------------------------------------------------------------------------------------------- entry points
+
+
+def load_caption_dataset(source: str | Path = DEFAULT_SOURCE, split: str | None = None, *,
+                         max_words: int | None = MAX_CAPTION_WORDS, seed: int = 0, cache_dir: str | None = None,
+                         validate_images: bool = True, shapes_sizes: tuple[int, int, int] = (2000, 200, 200),
+                         return_report: bool = False):
+    """Load captions from `source` as a DatasetDict train/validation/test (schema in the module docstring).
+
+    source: "shapes"; a local Kaggle-layout folder, original-layout folder, folder of parquet files or one
+      .parquet file; otherwise a Hub dataset id with the `jxie/flickr8k` schema (default).
+    split: None for all three splits, or one split name to get that `Dataset` only.
+    seed: Karpathy-style split seed (sources without split files) and shapes generator seed.
+    return_report: also return the `LoadReport` of skipped records, as `(data, report)`.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"expected split None or one of {SPLITS}, got {split!r}")
+    if str(source) == "shapes":
+        data, report = load_shapes_dataset(*shapes_sizes, seed=seed), LoadReport()
+        report.kept = {name: len(ds) for name, ds in data.items()}
+    else:
+        splits = load_source(source, seed, cache_dir)
+        data, report = _finish(splits, max_words, validate_images, str(source))
+    result = data if split is None else data[split]
+    return (result, report) if return_report else result
+
+
+def load_training_data(cfg: TrainConfig, split: str | None = None):
+    """`cfg`'s data (all splits, or one) with images left undecoded ({bytes, path}) so the feature cache can key
+    them by content; `max_train_images` cuts the train split."""
+    data, report = load_caption_dataset(cfg.source, split, max_words=cfg.max_caption_words, seed=cfg.seed,
+                                        shapes_sizes=tuple(cfg.shapes_sizes), return_report=True)
+    logger.info("data: %s", report.summary())
+    data = data.cast_column("image", Image(decode=False))
+    if split is None and cfg.max_train_images:
+        data["train"] = data["train"].select(range(min(cfg.max_train_images, len(data["train"]))))
+    return data

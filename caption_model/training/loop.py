@@ -1,0 +1,309 @@
+"""The training loop under Accelerate (CPU, one GPU or several): setup, one epoch, validation + checkpoints, finish.
+
+A run writes into `cfg.output_dir`: last/ (resumable: weights + optimizer, scheduler, RNG and loop position),
+best/ (the best validation score so far), log.jsonl, and at the end metrics.json and the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from caption_model import ImageCaptioner
+from caption_model.config import METRICS_FILE, SAMPLES_FILE, WEIGHTS_FILE
+from caption_model.training.checkpointing import (load_training_state, recover_checkpoint, save_checkpoint,
+                                                  to_json)
+from caption_model.training.collate import CaptionCollator, collator_for
+from caption_model.training.config import TrainConfig, model_config
+from caption_model.training.data import load_training_data
+from caption_model.training.evaluation import evaluate, selection_metric
+from caption_model.training.feature_cache import FeatureCache
+from caption_model.training.plots import plot_loss_curve, plot_samples
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"  # one JSON record per logged step, cache count and validation
+LOSS_CURVE_FILE = "loss_curve.png"
+VALIDATION_METRICS_FILE = "validation_metrics.json"  # inside best/: the validation scores that chose it
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(cfg: TrainConfig, train_captions: list[str]) -> ImageCaptioner:
+    """A new model: pretrained backbones where the config names them, else random + a WordPiece vocabulary."""
+    tokenizer = None
+    if cfg.decoder is None:
+        from caption_model.training.tokenization import train_wordpiece_tokenizer
+
+        tokenizer = train_wordpiece_tokenizer(train_captions, vocab_size=cfg.tokenizer_vocab_size)
+    return ImageCaptioner.from_backbones(model_config(cfg), decoder=cfg.decoder,
+                                         encoder_weights=cfg.encoder_weights, tokenizer=tokenizer)
+
+
+def parameter_groups(model: ImageCaptioner, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: new layers (lr), pretrained BERT (lr_decoder), unfrozen ResNet stages (lr_encoder).
+    Biases and norms get no weight decay."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    pretrained_decoder = cfg.decoder is not None
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("encoder."):
+            kind = "encoder"
+        elif name.startswith("decoder.bert.") and pretrained_decoder and "crossattention" not in name:
+            kind = "decoder"
+        else:
+            kind = "new"
+        no_decay = param.ndim < 2 or "norm" in name.lower()
+        groups.setdefault((kind, no_decay), []).append(param)
+    lrs = {"new": cfg.lr, "decoder": cfg.lr_decoder, "encoder": cfg.lr_encoder}
+    return [{"params": params, "lr": lrs[kind], "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+             "name": f"{kind}{'-no-decay' if no_decay else ''}"}
+            for (kind, no_decay), params in sorted(groups.items())]
+
+
+# ------------------------------------------------------------------------------------------------ setup
+@dataclass
+class Run:
+    """What a training run carries from phase to phase."""
+
+    cfg: TrainConfig
+    output: Path
+    accelerator: Any  # accelerate.Accelerator
+    data: Any  # datasets.DatasetDict, images undecoded
+    model: Any  # the model as Accelerate prepared it (DDP-wrapped on several GPUs)
+    raw_model: ImageCaptioner  # the same model unwrapped: save, evaluate
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    collate: CaptionCollator
+    cache: FeatureCache | None
+    total_steps: int
+    # Saved in last/ for --resume: optimizer steps done, epoch and batches done in it, best validation score.
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batches_done": 0, "best_name": None,
+                                                 "best_score": None})
+    started: float = field(default_factory=time.perf_counter)
+    images_seen: int = 0
+
+    @property
+    def last(self) -> Path:
+        return self.output / "last"
+
+    def log(self, record: dict) -> None:
+        """Append to log.jsonl (main process) and send the numbers to the trackers."""
+        if self.accelerator.is_main_process:
+            with open(self.output / LOG_FILE, "a") as file:
+                file.write(to_json(record, indent=None) + "\n")
+        if self.accelerator.trackers:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.accelerator.log(numbers, step=record.get("step"))
+
+    def save(self, name: str, **kwargs) -> None:
+        save_checkpoint(self.output / name, self.raw_model, dataclasses.asdict(self.cfg), **kwargs)
+
+    def save_last(self) -> None:
+        if self.accelerator.is_main_process:
+            self.save("last", optimizer=self.optimizer, scheduler=self.scheduler, state=self.state)
+
+
+def _accelerator(cfg: TrainConfig, output: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    trackers = [cfg.report_to] if cfg.report_to else None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=str(output),
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if trackers:
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in dataclasses.asdict(cfg).items()}
+        accelerator.init_trackers("captioner", config=flat)
+    return accelerator
+
+
+def _optimizer(cfg: TrainConfig, model: ImageCaptioner, train_images: int, processes: int):
+    """AdamW + warm-up/cosine schedule; returns (optimizer, scheduler, total optimizer steps)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
+    batches = math.ceil(train_images / (cfg.batch_size * processes))
+    total_steps = cfg.max_steps or math.ceil(batches / cfg.gradient_accumulation_steps) * cfg.epochs
+    # Accelerate steps a prepared scheduler once per process per optimizer step: count in those units.
+    warmup = int(cfg.warmup_ratio * total_steps) * processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps * processes)
+    return optimizer, scheduler, total_steps
+
+
+def setup(cfg: TrainConfig, resume: bool = False) -> Run:
+    """Accelerator, data, model (new, or last/ with `resume`), feature cache, collator, optimizer and schedule."""
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    accelerator = _accelerator(cfg, output)
+    data = load_training_data(cfg)
+    last = output / "last"
+    recover_checkpoint(last)
+    recover_checkpoint(output / "best")
+    if resume and not (last / WEIGHTS_FILE).is_file():
+        raise SystemExit(f"--resume: no checkpoint to resume from at {last} (run without --resume first)")
+    if resume:
+        model = ImageCaptioner.from_pretrained(str(last))
+    else:
+        model = build_model(cfg, [c for caps in data["train"]["captions"] for c in caps])
+    model.to(accelerator.device)
+    cache = None
+    if cfg.feature_cache and model.encoder.num_frozen_stages > 0:
+        cache = FeatureCache(cfg.cache_dir or output / "feature_cache", model)
+    collate = collator_for(model, cache, max_length=cfg.max_caption_words + 2, seed=cfg.seed,
+                           all_captions=cfg.all_captions)
+    optimizer, scheduler, total_steps = _optimizer(cfg, model, len(data["train"]), accelerator.num_processes)
+    prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run = Run(cfg, output, accelerator, data, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler,
+              collate, cache, total_steps)
+    if resume:
+        run.state.update(load_training_state(last, optimizer, scheduler))
+        logger.info("resuming from %s at step %d (epoch %d)", last, run.state["step"], run.state["epoch"])
+    elif (output / LOG_FILE).exists():
+        (output / LOG_FILE).unlink()
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ one epoch
+def _epoch_loader(run: Run, epoch: int, skip: int):
+    """The same shuffled order for an epoch whatever happened before, so --resume can skip batches."""
+    train = run.data["train"]
+    order = np.random.default_rng([run.cfg.seed, epoch]).permutation(len(train))
+    run.collate.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(train.select(order), batch_size=run.cfg.batch_size, shuffle=False,
+                                         collate_fn=run.collate, num_workers=run.cfg.num_workers)
+    loader = run.accelerator.prepare_data_loader(loader)
+    return run.accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def _training_step(run: Run, batch: dict):
+    """Forward, backward and (when gradients are due) clip + optimizer step; returns the model output."""
+    accelerator, model = run.accelerator, run.model
+    with accelerator.accumulate(model):
+        out = model(**batch, context_loss_weight=run.cfg.context_loss_weight)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"non-finite loss {out.loss.item()} at step {run.state['step']} "
+                f"(terms: { {k: v.item() for k, v in out.losses.items()} }); lower --lr or use "
+                f"--mixed-precision no; the last good checkpoint is {run.last}")
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients and run.cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), run.cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    return out
+
+
+def _after_step(run: Run, out, epoch: int, progress) -> None:
+    """Progress bar, log record every `log_every_steps`, last/ every `save_every_steps`."""
+    step, cfg = run.state["step"], run.cfg
+    rate = run.images_seen / max(time.perf_counter() - run.started, 1e-9)
+    progress.update(1)
+    progress.set_postfix(loss=f"{out.loss.item():.3f}", img_s=f"{rate:.1f}", epoch=epoch)
+    if step % cfg.log_every_steps == 0 or step == 1:
+        run.log({"step": step, "epoch": epoch, "loss": out.loss.item(),
+                 **{f"loss_{k}": v.item() for k, v in out.losses.items()},
+                 "lr": run.scheduler.get_last_lr()[0], "images_per_s": rate})
+    if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+        run.save_last()
+
+
+def train_epoch(run: Run, progress) -> None:
+    """Train from the saved position to the end of the epoch, or until the last step."""
+    state = run.state
+    epoch, skipped = state["epoch"], state["batches_done"]
+    run.model.train()
+    for batch_index, batch in enumerate(_epoch_loader(run, epoch, skipped), start=skipped):
+        out = _training_step(run, batch)
+        state["batches_done"] = batch_index + 1
+        run.images_seen += batch[run.collate.image_input].shape[0]
+        if not run.accelerator.sync_gradients:
+            continue  # accumulating gradients: no optimizer step yet
+        state["step"] += 1
+        _after_step(run, out, epoch, progress)
+        if state["step"] >= run.total_steps:
+            return
+    state["epoch"], state["batches_done"] = epoch + 1, 0  # the epoch ran to its end
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def validate(run: Run, epoch: int) -> None:
+    """Score the model on validation; a better score than any before replaces best/."""
+    metrics = evaluate(run.raw_model, run.data["validation"], run.cfg, desc=f"validation (epoch {epoch})")
+    name, score = selection_metric(metrics)
+    run.log({"step": run.state["step"], "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+    logger.info("epoch %d validation: %s", epoch, _fmt(metrics))
+    best = run.state["best_score"]
+    if best is None or score > best:
+        run.state["best_name"], run.state["best_score"] = name, score
+        run.save("best", extra={VALIDATION_METRICS_FILE: metrics})
+
+
+def end_epoch(run: Run, epoch: int) -> None:
+    """After an epoch (or the last step): cache counts, validation when due, last/."""
+    state, cfg = run.state, run.cfg
+    if run.cache is not None:
+        run.log({"step": state["step"], "epoch": epoch, "cache_hits": run.cache.hits,
+                 "cache_misses": run.cache.misses})
+    epoch_done = state["batches_done"] == 0
+    due = (epoch_done and (epoch + 1) % cfg.eval_every_epochs == 0) or state["step"] >= run.total_steps
+    if run.accelerator.is_main_process and due:
+        validate(run, epoch)
+    run.save_last()
+
+
+# ------------------------------------------------------------------------------------------------ finish
+def finish(run: Run) -> dict:
+    """Evaluate best/ on validation and test -> metrics.json (also in best/); the loss curve and sample heatmaps."""
+    output, cfg, data = run.output, run.cfg, run.data
+    best = ImageCaptioner.from_pretrained(str(output / "best"))
+    metrics = {"validation": evaluate(best, data["validation"], cfg, desc="validation"),
+               "test": evaluate(best, data["test"], cfg, desc="test"),
+               "eval": {"num_beams": cfg.eval_beams, "max_length": cfg.eval_max_length,
+                        "max_eval_images": cfg.max_eval_images, "source": cfg.source}}
+    (output / METRICS_FILE).write_text(to_json(metrics))
+    plot_loss_curve(output / LOG_FILE, output / LOSS_CURVE_FILE)
+    plot_samples(best, data["test"], output / SAMPLES_FILE)
+    for name in (METRICS_FILE, SAMPLES_FILE):  # copies inside best/ that push_to_hub publishes with the weights
+        shutil.copy(output / name, output / "best" / name)
+    logger.info("test: %s", _fmt(metrics["test"]))
+    print(to_json({"output_dir": str(output), "test": metrics["test"]}, indent=None))
+    return metrics
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run training (from last/ with `resume`); returns the output folder (best/, last/, metrics.json, plots)."""
+    from tqdm.auto import tqdm
+
+    run = setup(cfg, resume)
+    progress = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", unit="step",
+                    disable=not run.accelerator.is_local_main_process)
+    while run.state["step"] < run.total_steps:
+        epoch = run.state["epoch"]
+        train_epoch(run, progress)
+        end_epoch(run, epoch)
+    progress.close()
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        finish(run)
+    run.accelerator.end_training()
+    return run.output
+

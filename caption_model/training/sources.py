@@ -1,0 +1,256 @@
+"""Where caption records come from: Hub/parquet datasets, local Flickr8k folders, and their splits.
+
+`load_source` returns raw splits (image undecoded, captions as found, image_id); `data.load_caption_dataset`
+cleans them. Layouts: a Hub dataset id or parquet files with the `jxie/flickr8k` schema (`image`,
+`caption_0`..`caption_N`, or `captions` / `caption`), the Kaggle folder (`Images/` + `captions.txt`) and the original
+folder (`Flickr8k.token.txt` + an image folder + optional `Flickr_8k.*Images.txt` split files). Sources without
+splits are split Karpathy-style.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Image, List, Value, concatenate_datasets, load_dataset
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+KARPATHY_SIZES = (6000, 1000, 1000)  # Flickr8k train/validation/test images (Karpathy & Fei-Fei 2015)
+
+# Split names other datasets use, mapped onto ours.
+_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+# Original Flickr8k layout: captions file, image folders, split files.
+_TOKEN_FILE = "Flickr8k.token.txt"
+_ORIGINAL_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
+_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "validation": "Flickr_8k.devImages.txt",
+                "test": "Flickr_8k.testImages.txt"}
+_KAGGLE_CAPTIONS = "captions.txt"
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+
+
+def karpathy_split_sizes(num_images: int) -> tuple[int, int, int]:
+    """Train/validation/test sizes: 1000/1000 held out from >= 8000 images, else the same 6:1:1 proportions."""
+    if num_images < 0:
+        raise ValueError(f"expected a non-negative number of images, got {num_images}")
+    total = sum(KARPATHY_SIZES)
+    if num_images >= total:
+        held = KARPATHY_SIZES[1]
+        return num_images - 2 * held, held, held
+    held = round(num_images * KARPATHY_SIZES[1] / total)
+    if num_images >= 3:
+        held = max(held, 1)
+    return num_images - 2 * held, held, held
+
+
+def karpathy_split(image_ids: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic split of image ids: sort by name, shuffle with `seed`, cut at `karpathy_split_sizes`."""
+    names = sorted(set(image_ids))
+    order = np.random.default_rng(seed).permutation(len(names))
+    shuffled = [names[i] for i in order]
+    n_train, n_val, _ = karpathy_split_sizes(len(names))
+    return {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],
+            "test": shuffled[n_train + n_val:]}
+
+
+def _split_by_ids(ds: Dataset, seed: int) -> dict[str, Dataset]:
+    """Split one dataset Karpathy-style by its `image_id` column."""
+    ids = list(ds["image_id"])
+    parts = karpathy_split(ids, seed)
+    split_of = {image_id: name for name, members in parts.items() for image_id in members}
+    return {name: ds.select([i for i, image_id in enumerate(ids) if split_of[image_id] == name])
+            for name in SPLITS}
+
+
+# ------------------------------------------------------------------------------ Hub / parquet (jxie schema)
+
+
+def _normalise_columns(ds: Dataset, split: str) -> Dataset:
+    """Map a Hub/parquet schema (`image`, `caption_0`.. or `captions`/`caption`) onto image/captions/image_id."""
+    if "image" not in ds.column_names:
+        raise ValueError(f"expected an `image` column, got columns {ds.column_names}")
+    numbered = sorted((c for c in ds.column_names if re.fullmatch(r"caption_\d+", c)), key=lambda c: int(c[8:]))
+    if "captions" in ds.column_names:
+        caption_of = lambda row: list(row["captions"] or [])  # noqa: E731
+    elif numbered:
+        caption_of = lambda row: [row[c] for c in numbered]  # noqa: E731
+    elif "caption" in ds.column_names:
+        caption_of = lambda row: [row["caption"]]  # noqa: E731
+    else:
+        raise ValueError(f"expected caption columns `caption_0`..`caption_N`, `captions` or `caption`, "
+                         f"got {ds.column_names}")
+    id_column = next((c for c in ("image_id", "filename", "file_name", "image_name") if c in ds.column_names), None)
+    ds = ds.cast_column("image", Image(decode=False))
+
+    def normalise(row, index):
+        path = row["image"].get("path") if isinstance(row["image"], dict) else None
+        image_id = row[id_column] if id_column else (Path(path).name if path else f"{split}-{index:06d}")
+        return {"captions": caption_of(row), "image_id": str(image_id)}
+
+    # Only the small columns are written; the image column is kept as it is (no copy of the image bytes).
+    meta = ds.map(normalise, with_indices=True, remove_columns=ds.column_names,
+                  features=Features(captions=List(Value("string")), image_id=Value("string")),
+                  desc=f"normalising {split}")
+    return concatenate_datasets([ds.select_columns(["image"]), meta], axis=1)
+
+
+def _canonical_splits(raw: DatasetDict, seed: int, source: str) -> dict[str, Dataset]:
+    """Rename split aliases (val, dev, ...); split Karpathy-style when only one split exists."""
+    splits: dict[str, Dataset] = {}
+    for name, ds in raw.items():
+        canonical = _SPLIT_ALIASES.get(str(name).lower())
+        if canonical is None:
+            raise ValueError(f"{source}: unknown split {name!r}; expected one of {sorted(_SPLIT_ALIASES)}")
+        splits[canonical] = _normalise_columns(ds, canonical)
+    if set(splits) == set(SPLITS):
+        return splits
+    if len(splits) == 1:
+        return _split_by_ids(next(iter(splits.values())), seed)
+    raise ValueError(f"{source}: expected splits train/validation/test or a single split, got {sorted(raw)}")
+
+
+def _parquet_split(path: Path) -> str | None:
+    """Split named by a parquet file's name or folder (train-0000.parquet, data/validation/x.parquet)."""
+    for part in reversed(path.parts):
+        for token in re.split(r"[^a-zA-Z]+", part.lower()):
+            if token in _SPLIT_ALIASES:
+                return _SPLIT_ALIASES[token]
+    return None
+
+
+def _parquet_data_files(folder: Path) -> dict[str, list[str]]:
+    files = sorted(folder.rglob("*.parquet"))
+    by_split: dict[str, list[str]] = {}
+    for f in files:
+        by_split.setdefault(_parquet_split(f.relative_to(folder)) or "train", []).append(str(f))
+    return by_split
+
+
+def _load_parquet(data_files: dict[str, list[str]], cache_dir: str | None) -> DatasetDict:
+    return load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
+
+
+# --------------------------------------------------------------------------------------- local folders
+
+
+def _records_dataset(captions_by_image: dict[str, list[str]], image_dir: Path) -> Dataset:
+    """Dataset of image paths (not opened yet) + raw captions, one row per image, sorted by name."""
+    names = sorted(captions_by_image)
+    return Dataset.from_dict(
+        {"image": [str(image_dir / n) for n in names], "captions": [captions_by_image[n] for n in names],
+         "image_id": names},
+        features=Features(image=Image(decode=False), captions=List(Value("string")), image_id=Value("string")))
+
+
+def read_kaggle_captions(path: str | Path) -> dict[str, list[str]]:
+    """`captions.txt` of the Kaggle layout: CSV with header `image,caption` (captions may hold commas)."""
+    captions: dict[str, list[str]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header[:2] != ["image", "caption"]:
+            raise ValueError(f"{path}: expected the CSV header `image,caption`, got {','.join(header)!r}")
+        for row in reader:
+            if not row:
+                continue
+            # An unquoted caption with commas arrives as several fields: join them back.
+            captions.setdefault(row[0].strip(), []).append(",".join(row[1:]))
+    return captions
+
+
+def read_flickr_tokens(path: str | Path) -> dict[str, list[str]]:
+    """`Flickr8k.token.txt`: lines `name.jpg#<n><TAB>caption`."""
+    captions: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            key, sep, caption = line.partition("\t")
+            if not sep:
+                raise ValueError(f"{path}:{number}: expected `name.jpg#n<TAB>caption`, got {line[:80]!r}")
+            captions.setdefault(key.rsplit("#", 1)[0].strip(), []).append(caption)
+    return captions
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    """`folder/name`, or the first match below `folder`."""
+    direct = folder / name
+    return direct if direct.exists() else next(iter(sorted(folder.rglob(name))), None)
+
+
+def _split_files(folder: Path) -> dict[str, set[str]] | None:
+    """Image names per split from the Flickr_8k.*Images.txt files; None when they are absent."""
+    found = {split: _find(folder, name) for split, name in _SPLIT_FILES.items()}
+    if not any(found.values()):
+        return None
+    missing = [_SPLIT_FILES[s] for s, p in found.items() if p is None]
+    if missing:
+        raise ValueError(f"{folder}: found some split files but not {missing}; expected all three or none")
+    return {split: {ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()}
+            for split, p in found.items()}
+
+
+def _split_folder_dataset(ds: Dataset, folder: Path, seed: int) -> dict[str, Dataset]:
+    """Use the split files when the folder has them, else a Karpathy-style split."""
+    members = _split_files(folder)
+    if members is None:
+        return _split_by_ids(ds, seed)
+    ids = list(ds["image_id"])
+    unlisted = sum(1 for i in ids if not any(i in m for m in members.values()))
+    if unlisted:
+        logger.info("%s: %d captioned images are in no split file; left out", folder, unlisted)
+    return {s: ds.select([i for i, image_id in enumerate(ids) if image_id in members[s]]) for s in SPLITS}
+
+
+def _load_kaggle(folder: Path, seed: int) -> dict[str, Dataset]:
+    image_dir = folder / "Images"
+    ds = _records_dataset(read_kaggle_captions(folder / _KAGGLE_CAPTIONS), image_dir)
+    return _split_folder_dataset(ds, folder, seed)
+
+
+def _load_original(folder: Path, seed: int) -> dict[str, Dataset]:
+    token_file = _find(folder, _TOKEN_FILE)
+    image_dir = next((d for name in _ORIGINAL_IMAGE_DIRS if (d := _find(folder, name)) and d.is_dir()), None)
+    if image_dir is None:
+        raise ValueError(f"{folder}: expected an image folder named one of {_ORIGINAL_IMAGE_DIRS}")
+    ds = _records_dataset(read_flickr_tokens(token_file), image_dir)
+    return _split_folder_dataset(ds, folder, seed)
+
+
+def _load_local(path: Path, seed: int, cache_dir: str | None) -> dict[str, Dataset]:
+    """Pick the layout of a local folder or parquet file."""
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"{path}: expected a folder or a .parquet file, got a {path.suffix or 'plain'} file")
+        split = _parquet_split(Path(path.name)) or "train"
+        return _canonical_splits(_load_parquet({split: [str(path)]}, cache_dir),
+                                 seed, str(path))
+    if (path / _KAGGLE_CAPTIONS).is_file() and (path / "Images").is_dir():
+        return _load_kaggle(path, seed)
+    if _find(path, _TOKEN_FILE):
+        return _load_original(path, seed)
+    data_files = _parquet_data_files(path)
+    if data_files:
+        return _canonical_splits(_load_parquet(data_files, cache_dir), seed, str(path))
+    raise ValueError(f"{path}: expected a Kaggle layout (Images/ + captions.txt), an original layout "
+                     f"({_TOKEN_FILE} + image folder) or parquet files; found none")
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def load_source(source: str | Path, seed: int, cache_dir: str | None) -> dict[str, Dataset]:
+    """Raw splits train/validation/test of a local folder or parquet file, else of a Hub dataset id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _load_local(path, seed, cache_dir)
+    return _canonical_splits(load_dataset(str(source), cache_dir=cache_dir), seed, str(source))
