@@ -28,6 +28,7 @@ import torch
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from gradio_client.utils import decode_base64_to_binary
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -193,24 +194,20 @@ def caption_payload(result: Caption, grid: tuple[int, int], image_size: tuple[in
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def uploaded_image(**kwargs: Any) -> gr.Image:
-    """gr.Image whose handler gets the uploaded file's path untouched, so load_image (not Gradio's own PIL.open)
-    decides what is an image and the user sees why a file is refused.
-
-    Patched on the instance: subclassing a Gradio component makes Gradio write an app.pyi next to app.py.
-    """
-    image = gr.Image(type="filepath", image_mode=None, **kwargs)
-    standard = image.preprocess
-
-    def preprocess(payload: Any) -> str | None:
-        if payload is None:
-            return None
-        if payload.path is None or (payload.url or "").startswith("data:"):
-            return standard(payload)  # data URL: Gradio decodes it to a temp file
-        return str(payload.path)
-
-    image.preprocess = preprocess  # type: ignore[method-assign]
-    return image
+def uploaded_file(payload: dict[str, Any] | str | None) -> tuple[str | bytes | None, str]:
+    """The image input's raw payload (the event runs with preprocess=False) -> (what load_image reads, a name
+    to show the user). Gradio has already vetted the payload: a `path` is a file it received or cached for this
+    app (anything else was refused before this runs), a data URL arrives as `url`. Decoding is left to our own
+    loader, so a refused upload is explained ("not an image", "truncated", ...)."""
+    if payload is None or payload == "":
+        return None, ""
+    if isinstance(payload, str):  # a path handed over by gr.Examples
+        return payload, Path(payload).name
+    url, path = payload.get("url") or "", payload.get("path")
+    if url.startswith("data:") and not path:
+        data, _ = decode_base64_to_binary(url)
+        return data, "the pasted image"
+    return path, payload.get("orig_name") or Path(str(path)).name
 
 
 @dataclass
@@ -236,20 +233,23 @@ class CaptionUI:
 
     def caption(
         self,
-        image: str | None,
+        image: dict[str, Any] | str | None,
         decoding: Literal["greedy", "beam"] = "beam",
         num_beams: int = 3,
         max_length: int = 30,
         length_penalty: float = 1.0,
     ) -> tuple[str, dict[str, Any], Result]:
         """Caption an uploaded image: (caption text, JSON with words and heatmaps, state for the views)."""
-        if image is None or (isinstance(image, str) and not image):
+        source, name = uploaded_file(image)
+        if source is None:
             raise gr.Error("No image yet: upload one, paste it from the clipboard, use the webcam or pick an example.")
         beams = 1 if decoding == "greedy" else max(1, min(5, int(num_beams)))
         try:
-            picture, result = self.service.caption(image, beams, max_length, length_penalty)
+            picture, result = self.service.caption(source, beams, max_length, length_penalty)
         except ValueError as error:
-            message = str(error).replace(str(image), Path(str(image)).name)  # the upload's name, not its temp path
+            message = str(error)
+            if isinstance(source, str):
+                message = message.replace(repr(source), repr(name)).replace(source, name)  # not the temp path
             raise gr.Error(f"That file can't be captioned: {message}", print_exception=False) from error
         if not result.words:
             gr.Warning("The model wrote no words for this image (try beam search or another image).")
@@ -313,7 +313,9 @@ def create_demo(captioner: ImageCaptioner, model_id: str = "unnamed model") -> g
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = uploaded_image(
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
                     label="Image",
                     sources=["upload", "clipboard", "webcam"],
                     height=360,
@@ -372,6 +374,7 @@ def create_demo(captioner: ImageCaptioner, model_id: str = "unnamed model") -> g
             api_name="caption",
             concurrency_id="model",
             concurrency_limit=MODEL_CONCURRENCY,
+            preprocess=False,
         ).success(ui.show_result, inputs=[state, opacity], outputs=[words, heatmap, gallery], api_visibility="private")
         words.input(ui.show_word, inputs=[state, words, opacity], outputs=heatmap, api_visibility="private")
         opacity.release(
@@ -428,7 +431,7 @@ def create_app(captioner: ImageCaptioner, model_id: str = "unnamed model") -> Fa
             {"caption": result.text, "words": list(result.words), "score": float(result.score), "model": service.model_id}
         )
 
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app,
         demo,
         path="/",
@@ -436,8 +439,13 @@ def create_app(captioner: ImageCaptioner, model_id: str = "unnamed model") -> Fa
         run_history=False,
         max_file_size=MAX_UPLOAD_BYTES,
         ssr_mode=False,
+        show_error=False,  # gr.Error messages (ours) are shown; other exceptions' text (paths...) is not
         theme=gr.themes.Default(primary_hue="orange"),
     )
+    # Gradio refuses input paths it did not receive or cache only once the Blocks "has launched", which
+    # mount_gradio_app never records: without this a client could name any file on the server.
+    demo.has_launched = True
+    return app
 
 
 def _int_env(name: str) -> int | None:
