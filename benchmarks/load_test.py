@@ -93,11 +93,10 @@ def main() -> int:
     if args.url:
         stats = run_load_test(args.url, args.image, args.clients, args.requests, args.decoding)
     else:
-        import app
-        from app_helpers import serve
+        from app_helpers import build_app, serve
+        from serving import load_captioner
 
-        captioner = app.load_captioner(args.model)
-        with serve(app.create_app(captioner, args.model)) as url:
+        with serve(build_app(load_captioner(args.model), args.model)) as url:
             stats = run_load_test(url + "/", args.image, args.clients, args.requests, args.decoding)
 
     print(

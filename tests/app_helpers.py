@@ -1,4 +1,5 @@
-"""Helpers for the app tests: a real uvicorn server in a thread, and the bad files every entry point must refuse."""
+"""Helpers for the app tests: the served app, a real uvicorn server in a thread, and the bad files every entry point
+must refuse."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ def serve(app, timeout: float = 60.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def build_app(captioner, model_id: str):
+    """The app as `python app.py` serves it: the Blocks UI over one CaptionService, mounted beside the HTTP routes."""
+    import app
+    import serving
+
+    service = serving.CaptionService(captioner, model_id)
+    return serving.create_app(service, app.create_demo(service))
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -1,8 +1,10 @@
-"""app.py: a real server on localhost (gradio_client on /caption, HTTP /predict and /health), the UI handlers,
-bad inputs everywhere, model resolution and start-up errors, and a small load run."""
+"""app.py and serving.py: a real server on localhost (gradio_client on /caption, HTTP /predict and /health), the UI
+handlers, bad inputs everywhere, model resolution and start-up errors, and a small load run."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
 import types
 from pathlib import Path
@@ -12,11 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from app_helpers import ROOT, bad_files, good_images, serve
+from app_helpers import ROOT, bad_files, build_app, good_images, serve
 from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
+import serving
 from caption_model import ImageCaptioner
 
 pytestmark = pytest.mark.timeout(600)
@@ -24,17 +27,17 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def captioner(tiny_checkpoint) -> ImageCaptioner:
-    return app.load_captioner(tiny_checkpoint)
+    return serving.load_captioner(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def ui(captioner, tiny_checkpoint) -> app.CaptionUI:
-    return app.CaptionUI(app.CaptionService(captioner, tiny_checkpoint))
+    return app.CaptionUI(serving.CaptionService(captioner, tiny_checkpoint))
 
 
 @pytest.fixture(scope="module")
 def server(captioner, tiny_checkpoint):
-    with serve(app.create_app(captioner, model_id=tiny_checkpoint)) as url:
+    with serve(build_app(captioner, tiny_checkpoint)) as url:
         yield url
 
 
@@ -134,7 +137,7 @@ def test_predict_refuses_malformed_requests(server):
     assert missing.status_code == 400 and "'image'" in missing.json()["error"]
     not_multipart = httpx.post(server + "/predict", content=b"raw bytes", headers={"content-type": "image/png"})
     assert 400 <= not_multipart.status_code < 500 and "multipart" in not_multipart.json()["error"]
-    too_big = httpx.post(server + "/predict", files={"image": ("big.png", b"\0" * (app.MAX_UPLOAD_BYTES + 10))})
+    too_big = httpx.post(server + "/predict", files={"image": ("big.png", b"\0" * (serving.MAX_UPLOAD_BYTES + 10))})
     assert too_big.status_code == 413 and "too large" in too_big.json()["error"]
     assert httpx.get(server + "/health").json()["status"] == "ok"
 
@@ -217,9 +220,25 @@ def test_views_come_from_the_stored_result(ui, tmp_path, monkeypatch):
 
 
 def test_create_demo_wires_the_model_name_into_the_footer(captioner):
-    demo = app.create_demo(captioner, model_id="someone/shapes-captioner")
+    demo = app.create_demo(serving.CaptionService(captioner, "someone/shapes-captioner"))
     footer = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "footer-model"]
     assert footer and "someone/shapes-captioner" in footer[0].value
+    assert not hasattr(demo, "caption_service")  # the service is passed explicitly, not hung on the Blocks
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a Python file imports, function-level imports included."""
+    tree = ast.parse(path.read_text())
+    return {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names} | {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+
+
+def test_imports_point_one_way_ui_then_serving_then_model():
+    serving_imports, app_imports = imported_modules(ROOT / "serving.py"), imported_modules(ROOT / "app.py")
+    assert "app" not in serving_imports  # serving never imports the UI
+    assert "serving" in app_imports
+    assert not any(name.split(".")[0] in {"fastapi", "starlette", "uvicorn"} for name in app_imports)  # no routes
 
 
 # --- model resolution and start-up errors --------------------------------------------------------------------------
@@ -227,8 +246,8 @@ def test_create_demo_wires_the_model_name_into_the_footer(captioner):
 
 def test_model_comes_from_the_flag_then_the_environment(monkeypatch):
     monkeypatch.setenv("CAPTION_MODEL", "env/model")
-    assert app.resolve_model("flag/model") == "flag/model"
-    assert app.resolve_model(None) == "env/model"
+    assert serving.resolve_model("flag/model") == "flag/model"
+    assert serving.resolve_model(None) == "env/model"
 
 
 def test_a_local_checkpoint_is_used_when_nothing_is_configured(monkeypatch, tmp_path):
@@ -236,17 +255,17 @@ def test_a_local_checkpoint_is_used_when_nothing_is_configured(monkeypatch, tmp_
     local = tmp_path / "checkpoints" / "shapes" / "best"
     local.mkdir(parents=True)
     (local / "config.json").write_text("{}")
-    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", local)
-    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "best")
-    monkeypatch.setitem(sys.modules, "train", None)  # training must not be needed
-    assert app.resolve_model(None) == str(local)
+    monkeypatch.setattr(serving, "LOCAL_CHECKPOINT", local)
+    monkeypatch.setattr(serving, "CACHE_CHECKPOINT", tmp_path / "cache" / "best")
+    monkeypatch.setitem(sys.modules, "caption_model.training", None)  # training must not be needed
+    assert serving.resolve_model(None) == str(local)
 
 
 def test_without_any_model_the_shapes_preset_is_trained_once(monkeypatch, tmp_path, tiny_checkpoint):
     monkeypatch.delenv("CAPTION_MODEL", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
-    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
-    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "shapes" / "best")
+    monkeypatch.setattr(serving, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
+    monkeypatch.setattr(serving, "CACHE_CHECKPOINT", tmp_path / "cache" / "shapes" / "best")
     calls = []
 
     def train_preset(preset, output_dir):
@@ -257,44 +276,51 @@ def test_without_any_model_the_shapes_preset_is_trained_once(monkeypatch, tmp_pa
             (best / item.name).write_bytes(item.read_bytes())
         return best
 
-    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(train_preset=train_preset))
-    resolved = app.resolve_model(None)
+    monkeypatch.setitem(sys.modules, "caption_model.training", types.SimpleNamespace(train_preset=train_preset))
+    resolved = serving.resolve_model(None)
     assert calls == [("shapes", tmp_path / "checkpoints" / "shapes")]
     assert resolved == str(tmp_path / "checkpoints" / "shapes" / "best")
-    assert app.load_captioner(resolved).caption(ROOT / "examples" / "shapes_9.png").text
-    assert app.resolve_model(None) == resolved and len(calls) == 1  # the second start reuses it
+    assert serving.load_captioner(resolved).caption(ROOT / "examples" / "shapes_9.png").text
+    assert serving.resolve_model(None) == resolved and len(calls) == 1  # the second start reuses it
 
 
 def test_on_a_space_the_fallback_trains_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("CAPTION_MODEL", raising=False)
     monkeypatch.setenv("SPACE_ID", "someone/space")
-    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
-    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "shapes" / "best")
+    monkeypatch.setattr(serving, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
+    monkeypatch.setattr(serving, "CACHE_CHECKPOINT", tmp_path / "cache" / "shapes" / "best")
     seen = []
-    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(train_preset=lambda p, output_dir: seen.append(output_dir)))
-    with pytest.raises(app.ModelLoadError, match="holds no checkpoint"):
-        app.resolve_model(None)
+
+    def train_preset(preset, output_dir):  # finishes without writing a checkpoint
+        seen.append(output_dir)
+        return Path(output_dir) / "best"
+
+    monkeypatch.setitem(sys.modules, "caption_model.training", types.SimpleNamespace(train_preset=train_preset))
+    with pytest.raises(serving.ModelLoadError, match="holds no checkpoint"):
+        serving.resolve_model(None)
     assert seen == [tmp_path / "cache" / "shapes"]
 
 
-def test_missing_train_py_gives_a_clear_error(monkeypatch, tmp_path):
+def test_missing_training_code_gives_a_clear_error(monkeypatch, tmp_path):
+    """A Space bundle ships caption_model without training/: no fallback, a message that says what to pass."""
     monkeypatch.delenv("CAPTION_MODEL", raising=False)
-    monkeypatch.setattr(app, "LOCAL_CHECKPOINT", tmp_path / "none" / "best")
-    monkeypatch.setattr(app, "CACHE_CHECKPOINT", tmp_path / "cache" / "best")
-    monkeypatch.setitem(sys.modules, "train", None)
-    with pytest.raises(app.ModelLoadError, match="--model"):
-        app.resolve_model(None)
+    monkeypatch.setattr(serving, "LOCAL_CHECKPOINT", tmp_path / "none" / "best")
+    monkeypatch.setattr(serving, "CACHE_CHECKPOINT", tmp_path / "cache" / "best")
+    monkeypatch.setitem(sys.modules, "caption_model.training", None)
+    with pytest.raises(serving.ModelLoadError, match="--model") as raised:
+        serving.resolve_model(None)
+    assert "caption_model.training" in str(raised.value)
 
 
 def test_start_up_errors_say_what_was_expected(tmp_path, monkeypatch):
-    with pytest.raises(app.ModelLoadError, match="does not exist"):
-        app.load_captioner(str(tmp_path / "missing"))
-    with pytest.raises(app.ModelLoadError, match="config.json"):
-        app.load_captioner(str(tmp_path))
+    with pytest.raises(serving.ModelLoadError, match="does not exist"):
+        serving.load_captioner(str(tmp_path / "missing"))
+    with pytest.raises(serving.ModelLoadError, match="config.json"):
+        serving.load_captioner(str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(app.ModelLoadError, match="HF_HUB_OFFLINE"):
-        app.load_captioner("nobody/no-such-captioner")
+    with pytest.raises(serving.ModelLoadError, match="HF_HUB_OFFLINE"):
+        serving.load_captioner("nobody/no-such-captioner")
     with pytest.raises(SystemExit, match="app.py: model folder .* does not exist"):
         app.main(["--model", str(tmp_path / "missing")])
 
@@ -320,8 +346,8 @@ def test_app_serves_the_fast_mode_unless_fp32_is_asked(tiny_checkpoint):
     """Default: int8 decoder (the fast CPU path); --precision fp32 keeps the trained weights as they are."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    quantized = app.load_captioner(tiny_checkpoint)
-    exact = app.load_captioner(tiny_checkpoint, int8=False)
+    quantized = serving.load_captioner(tiny_checkpoint)
+    exact = serving.load_captioner(tiny_checkpoint, int8=False)
     assert quantized.quantized and not exact.quantized
     assert any(isinstance(m, DynamicLinear) for m in quantized.decoder.modules())
     assert not any(isinstance(m, DynamicLinear) for m in exact.decoder.modules())
@@ -331,12 +357,10 @@ def test_app_serves_the_fast_mode_unless_fp32_is_asked(tiny_checkpoint):
     assert reference.text and reference.attention.shape[0] == len(reference.words)
 
 
-def test_train_py_offers_the_fallback_app_expects():
-    import inspect
+def test_training_offers_the_fallback_serving_expects():
+    from caption_model.training import train_preset
 
-    import train
-
-    inspect.signature(train.train_preset).bind("shapes", output_dir=Path("checkpoints/shapes"))
+    inspect.signature(train_preset).bind("shapes", output_dir=Path("checkpoints/shapes"))
 
 
 def test_serving_writes_only_to_temp_dirs(client, tmp_path):
@@ -361,12 +385,12 @@ def test_an_empty_caption_is_shown_not_crashed_on(ui, tmp_path, monkeypatch, cap
 
 
 def test_main_sets_threads_warms_up_and_serves(tiny_checkpoint, monkeypatch):
-    """app.main end to end, uvicorn.run caught: threads set, the model warmed up (a greedy and a beam caption)
-    before serving, and the served app answers /health with what was asked for."""
+    """app.main end to end through serving, uvicorn.run caught: threads set, the model warmed up (a greedy and a
+    beam caption) before serving, and the served app answers /health with what was asked for."""
     import uvicorn
 
     served, warmed = {}, []
-    real_warm_up = app.warm_up
+    real_warm_up = serving.warm_up
 
     def spy_warm_up(captioner):
         calls = []
@@ -376,7 +400,7 @@ def test_main_sets_threads_warms_up_and_serves(tiny_checkpoint, monkeypatch):
         del captioner.caption
         warmed.append(calls)
 
-    monkeypatch.setattr(app, "warm_up", spy_warm_up)
+    monkeypatch.setattr(serving, "warm_up", spy_warm_up)
     monkeypatch.setattr(uvicorn, "run", lambda asgi, **kw: served.update(app=asgi, **kw))
     threads = torch.get_num_threads()
     try:

@@ -8,11 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
-from app_helpers import ROOT, serve
+from app_helpers import ROOT, build_app, serve
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 import app
+import serving
 from caption_model.heatmap import overlay
 from caption_model.processing import load_image
 
@@ -27,12 +28,12 @@ TIMEOUT_MS = 120_000  # a shared 2-core machine can be slow; waits end as soon a
 
 @pytest.fixture(scope="module")
 def captioner(tiny_checkpoint):
-    return app.load_captioner(tiny_checkpoint)
+    return serving.load_captioner(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def server(captioner, tiny_checkpoint):
-    with serve(app.create_app(captioner, model_id=tiny_checkpoint)) as url:
+    with serve(build_app(captioner, tiny_checkpoint)) as url:
         yield url
 
 

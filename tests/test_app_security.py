@@ -14,18 +14,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app_helpers import bad_files, png_bytes, serve
+from app_helpers import bad_files, build_app, png_bytes, serve
 from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
+import serving
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with serve(app.create_app(app.load_captioner(tiny_checkpoint), model_id=tiny_checkpoint)) as url:
+    with serve(build_app(serving.load_captioner(tiny_checkpoint), tiny_checkpoint)) as url:
         yield url
 
 

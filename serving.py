@@ -1,0 +1,261 @@
+"""Serving beside the UI: which model, loading and warming it, the shared captioning service, the HTTP routes.
+
+    service = start_service(model, int8=True, threads=None)   # threads set, model resolved, loaded, warmed up
+    serve(service, demo, host, port)                          # demo at /, POST /predict, GET /health (create_app)
+
+The model comes from --model, else $CAPTION_MODEL, else a local checkpoint (checkpoints/shapes/best, or the cache
+folder on a Space), else the `shapes` preset is trained once (caption_model.training, not in a Space bundle).
+app.py builds the Blocks UI over a CaptionService; nothing here knows its layout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from caption_model import Caption, ImageCaptioner
+from caption_model.cpu.threads import set_inference_threads
+from caption_model.processing import load_image
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "best"  # where `python train.py --preset shapes` puts its best
+CACHE_CHECKPOINT = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "caption_model" / "shapes" / "best"
+)  # used instead on a Space, where only temp/cache directories are written
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # largest upload accepted by the UI and by /predict
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be found or loaded (message says where we looked)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Which model, and loading it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are "name" or "owner/name"; anything else is meant as a folder."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+
+
+def train_shapes_checkpoint(output_dir: Path) -> Path:
+    """Train the `shapes` preset once (caption_model.training.train_preset); returns its best checkpoint folder."""
+    try:
+        from caption_model.training import train_preset  # lazy: a Space bundle ships without training code
+    except ImportError as error:
+        raise ModelLoadError(
+            "no model configured (--model / $CAPTION_MODEL) and no local checkpoint at "
+            f"{LOCAL_CHECKPOINT}; training the shapes preset needs caption_model.training, which cannot be "
+            f"imported here ({error}). Pass --model HUB_ID_OR_DIR, or train one first."
+        ) from error
+    print(
+        f"No model configured and no local checkpoint: training the shapes preset once into {output_dir} "
+        "(progress below; minutes to tens of minutes on a 2-core CPU) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    best = Path(train_preset("shapes", output_dir=output_dir))
+    if not (best / "config.json").is_file():
+        raise ModelLoadError(f"train_preset('shapes') finished but {best} holds no checkpoint (config.json)")
+    return best
+
+
+def resolve_model(model: str | None) -> str:
+    """--model, else $CAPTION_MODEL, else a local shapes checkpoint, else train the shapes preset once."""
+    if model:
+        return model
+    if os.environ.get("CAPTION_MODEL"):
+        return os.environ["CAPTION_MODEL"]
+    for candidate in (LOCAL_CHECKPOINT, CACHE_CHECKPOINT):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    target = CACHE_CHECKPOINT if os.environ.get("SPACE_ID") else LOCAL_CHECKPOINT
+    return str(train_shapes_checkpoint(target.parent))
+
+
+def load_captioner(model: str, int8: bool = True) -> ImageCaptioner:
+    """Load `model` (a checkpoint folder or a Hub repo id) in eval mode, with the int8 decoder unless
+    `int8=False`; ModelLoadError says why not."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but not a checkpoint: expected config.json, model.safetensors and the "
+                "tokenizer files written by ImageCaptioner.save_pretrained"
+            )
+        source = str(path)
+    elif _looks_like_path(model):
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    else:
+        source = model
+    try:
+        captioner = ImageCaptioner.from_pretrained(source)
+    except Exception as error:  # hub, IO and key errors all mean "cannot serve this model"
+        where = (
+            "HF_HUB_OFFLINE is set, so only the local Hub cache was searched; download it first or unset it"
+            if _is_offline()
+            else "expected a local checkpoint folder or a Hub model repo id (set HF_TOKEN for a private repo)"
+        )
+        raise ModelLoadError(f"could not load model {model!r}: {type(error).__name__}: {error}. {where}") from error
+    captioner.eval()
+    if int8:
+        captioner.quantize_int8()  # int8 decoder: faster on CPU, same API
+    return captioner
+
+
+def warm_up(captioner: ImageCaptioner) -> None:
+    """Caption a blank image greedily and with beams once, so that the first user does not pay for what a fresh
+    process does once (oneDNN picks its convolution kernels, fbgemm its int8 paths)."""
+    blank = Image.new("RGB", (captioner.config.image_size,) * 2, "white")
+    for num_beams in (1, 3):
+        captioner.caption(blank, num_beams=num_beams, max_length=3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The shared service and its JSON
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CaptionService:
+    """The loaded model shared by the UI and the HTTP routes: one forward at a time."""
+
+    def __init__(self, captioner: ImageCaptioner, model_id: str) -> None:
+        self.captioner = captioner
+        self.model_id = model_id
+        self._lock = threading.Lock()
+
+    @property
+    def precision(self) -> str:
+        """"int8" (int8 decoder) or "fp32" (the weights as trained)."""
+        return "int8" if self.captioner.quantized else "fp32"
+
+    @torch.inference_mode()
+    def caption(
+        self, image: Any, num_beams: int = 1, max_length: int = 30, length_penalty: float = 1.0
+    ) -> tuple[Image.Image, Caption]:
+        """Load `image` (path, bytes, PIL) and caption it; ValueError (from load_image) for a bad file."""
+        picture = load_image(image)
+        with self._lock:
+            result = self.captioner.caption(
+                picture, num_beams=int(num_beams), max_length=int(max_length), length_penalty=float(length_penalty)
+            )
+        return picture, result
+
+
+def start_service(model: str | None, int8: bool = True, threads: int | None = None) -> CaptionService:
+    """Set torch's CPU threads (`threads`, else the CPUs this process may use), resolve and load the model, warm
+    it up; ModelLoadError if there is no model to serve."""
+    set_inference_threads(threads)
+    model_id = resolve_model(model)
+    captioner = load_captioner(model_id, int8=int8)
+    warm_up(captioner)
+    return CaptionService(captioner, model_id)
+
+
+def word_maps(result: Caption, grid: tuple[int, int]) -> np.ndarray:
+    """The caption's attention as float32 (len(words), gh, gw), also when the caption is empty."""
+    return np.asarray(result.attention, dtype=np.float32).reshape(len(result.words), *grid)
+
+
+def caption_payload(result: Caption, grid: tuple[int, int], image_size: tuple[int, int], model_id: str) -> dict:
+    """JSON of the `/caption` API: caption, words, score, grid and image size, one attention map per word."""
+    attention = word_maps(result, grid)  # (len(words), gh, gw)
+    return {
+        "caption": result.text,  # str: the words joined by spaces
+        "words": list(result.words),  # [len(words)] whole words
+        "score": float(result.score),  # mean log-probability of the caption, <= 0
+        "grid_size": [int(grid[0]), int(grid[1])],  # [gh, gw]
+        "image_size": [int(image_size[0]), int(image_size[1])],  # [width, height] of the (EXIF-upright) input
+        "attention": np.round(attention, 6).tolist(),  # [word][row][col] = (len(words), gh, gw), each map sums to 1
+        "model": model_id,  # str: the Hub id or folder served
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HTTP: the Blocks at / plus /predict and /health
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_routes(app: FastAPI, service: CaptionService) -> None:
+    """POST /predict (multipart field `image`) and GET /health; 4xx answers are JSON {"error": "..."}."""
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"error": "expected a multipart/form-data upload with a file field named 'image'"}, status_code=422
+        )
+
+    @app.get("/health")
+    def health() -> dict[str, str | int]:
+        """Liveness plus the model being served, its precision and torch's CPU threads."""
+        return {"status": "ok", "model": service.model_id, "precision": service.precision,
+                "threads": torch.get_num_threads()}
+
+    @app.post("/predict")
+    async def predict(image: UploadFile | None = File(None)) -> JSONResponse:
+        """Caption one image greedily: {"caption": str, "words": [str], "score": float, "model": str}."""
+        if image is None:
+            return JSONResponse({"error": "missing the multipart file field 'image'"}, status_code=400)
+        data = await image.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            return JSONResponse(
+                {"error": f"file too large: more than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413
+            )
+        if not data:
+            return JSONResponse({"error": "expected an image file, got an empty upload"}, status_code=400)
+        try:  # file contents only: /predict never takes a name or a path
+            _, result = await run_in_threadpool(service.caption, data, 1)
+        except ValueError as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        return JSONResponse({"caption": result.text, "words": list(result.words), "score": float(result.score),
+                             "model": service.model_id})
+
+
+def create_app(service: CaptionService, demo: gr.Blocks) -> FastAPI:
+    """One FastAPI app, one model: `demo` (a Blocks built over `service`) at /, POST /predict and GET /health."""
+    app = FastAPI(title="Image captioner", docs_url=None, redoc_url=None)
+    _add_routes(app, service)
+    app = gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        footer_links=["api", "settings"],
+        run_history=False,
+        max_file_size=MAX_UPLOAD_BYTES,
+        ssr_mode=False,
+        show_error=False,  # gr.Error messages (ours) are shown; other exceptions' text (paths...) is not
+        theme=gr.themes.Default(primary_hue="orange"),
+    )
+    # Gradio refuses input paths it did not receive or cache only once the Blocks "has launched", which
+    # mount_gradio_app never records: without this a client could name any file on the server.
+    demo.has_launched = True
+    return app
+
+
+def serve(service: CaptionService, demo: gr.Blocks, host: str, port: int) -> None:
+    """Serve create_app(service, demo) with uvicorn until interrupted."""
+    import uvicorn
+
+    print(
+        f"Serving {service.model_id} ({service.precision}, {torch.get_num_threads()} CPU threads) "
+        f"on http://{host}:{port}",
+        flush=True,
+    )
+    uvicorn.run(create_app(service, demo), host=host, port=port, log_level="warning")
