@@ -4,7 +4,7 @@
 
 Token: HF_TOKEN or the stored login (`hf auth login`). Endpoint: HF_ENDPOINT (default https://huggingface.co).
 The checkpoint is loaded and captions a test image before anything is uploaded; the folder itself is never changed.
-Exit codes: 0 done, 1 Hub/network failure, 2 bad checkpoint or arguments.
+Exit codes: 0 done, 1 Hub/network failure, 2 bad checkpoint, arguments or project (no app.py for --space).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caption_model.hub import DEFAULT_LICENSE, CheckpointError, PublishError
+from caption_model.hub.card import DEFAULT_LICENSE
+from caption_model.hub.checks import CheckpointError
+from caption_model.hub.publish import PublishError, dry_run, publish
+from caption_model.hub.space import SpaceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also create/update this Gradio Space and point it at the model")
     p.add_argument("--license", default=DEFAULT_LICENSE, help=f"license id for the cards (default {DEFAULT_LICENSE})")
     p.add_argument("--dataset", default=None,
-                   help="Hub dataset id for the card (default: from metrics.json/training_config.json, else Flickr8k)")
+                   help="Hub dataset id for the card (default: the source that training_config.json records)")
     p.add_argument("--dry-run", action="store_true", help="write the folder(s) that would be uploaded; no network")
     p.add_argument("--dry-run-dir", default=None, help="where --dry-run writes (default: a new temporary folder)")
     return p
@@ -35,17 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from caption_model import hub
-
     try:
         if args.dry_run or args.dry_run_dir:
-            out = hub.dry_run(args.checkpoint_dir, args.repo_id, args.dry_run_dir, space_id=args.space,
-                              license=args.license, dataset=args.dataset)
+            out = dry_run(args.checkpoint_dir, args.repo_id, args.dry_run_dir, space_id=args.space,
+                          license=args.license, dataset=args.dataset)
             print(f"dry run done: nothing was uploaded; inspect {out}")
             return 0
-        result = hub.publish(args.checkpoint_dir, args.repo_id, private=args.private,
-                             commit_message=args.commit_message, revision=args.revision, space_id=args.space,
-                             license=args.license, dataset=args.dataset)
+        result = publish(args.checkpoint_dir, args.repo_id, private=args.private,
+                         commit_message=args.commit_message, revision=args.revision, space_id=args.space,
+                         license=args.license, dataset=args.dataset)
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print("Nothing was uploaded. Run push_to_hub.py from the project that holds app.py.", file=sys.stderr)
+        return 2
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         print("Nothing was uploaded. Fix or re-save the checkpoint (train.py writes a complete folder).",

@@ -104,3 +104,9 @@ class CaptionerConfig:
         if unknown:
             raise ValueError(f"unknown CaptionerConfig fields {unknown}; expected a subset of {sorted(known)}")
         return cls(**values)
+
+
+# Hub metadata: one library name, task and tag list for the mixin's card and push_to_hub.py's card alike.
+LIBRARY_NAME = "pytorch"
+PIPELINE_TAG = "image-to-text"
+MODEL_TAGS = ["image-captioning", "image-to-text", "attention-heatmap", "resnet-50", "bert"]

