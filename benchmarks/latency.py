@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from caption_model.threads import available_cpus  # noqa: E402
+from caption_model.cpu.threads import available_cpus  # noqa: E402
 
 NEW_TOKENS = 16
 BATCH = 8
@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--batch-runs", type=int, default=None, help="repetitions for batch-8 throughput")
     parser.add_argument("--quick", action="store_true", help="3 runs, 1 warm-up, no peak-RSS subprocesses")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: what app.py uses, caption_model.threads.available_cpus())")
+                        help="torch threads (default: what app.py uses, caption_model.cpu.threads.available_cpus())")
     parser.add_argument("--presets", default="full,flickr8k-small")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--encoder-bf16", action="store_true",

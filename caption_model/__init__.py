@@ -5,8 +5,9 @@
     out = captioner.caption("photo.jpg", num_beams=3)   # out.text, out.words, out.attention, out.score
 """
 
+from ._version import __version__
+from .captioner import ImageCaptioner
 from .config import CaptionerConfig
 from .generation import Caption
-from .modeling import ImageCaptioner
 
-__all__ = ["Caption", "CaptionerConfig", "ImageCaptioner"]
+__all__ = ["Caption", "CaptionerConfig", "ImageCaptioner", "__version__"]

@@ -1,10 +1,10 @@
 """The one-token step of the BERT decoder with a KV cache: the fast path of decoding.
 
 It computes what `BertModel.forward` computes in eval mode for the newest token (one query needs no causal mask),
-as straight-line functional calls on the layers' own weights. Walking the HF modules (a dozen nested `nn.Module`
-calls per layer, 16 tokens x 12 layers per caption) cost 20-30 ms per full-size caption, more than the
-attention itself. Whatever a layer holds (fp32 `nn.Linear`, the int8 linears of `quantize_int8`, anything else
-callable) is used as is: only its call is made cheaper.
+as straight-line functional calls on the layers' own weights: walking the HF modules (a dozen nested `nn.Module`
+calls per layer and token) costs more than the attention itself on a CPU. Whatever a layer holds (fp32
+`nn.Linear`, the int8 linears of the fast CPU mode, anything else callable) is used as is: only its call is made
+cheaper. A fast mode may also hand over `StepKernels`: faster stand-ins for parts of the step.
 
 Shape legend: N rows (images x beams), t tokens so far, H heads, dh head size, D hidden, P grid cells.
 """
@@ -12,7 +12,7 @@ Shape legend: N rows (images x beams), t tokens so far, H heads, dh head size, D
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,25 @@ from torch import nn
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
+@runtime_checkable
+class HasFunctional(Protocol):
+    """A layer that can hand out its computation as a plain function (the fast mode's int8 linears)."""
+
+    def functional(self) -> Fn: ...
+
+
+@dataclass
+class StepKernels:
+    """What a fast mode (caption_model.cpu) replaces in the one-token step; None keeps the model's own."""
+
+    qkv: list[Fn] | None = None  # per layer: (N, 1, D) -> (N, 1, 3D), query, key and value in one call
+    vocab_logits: Fn | None = None  # (N, D) -> (N, V): the tied output projection
+
+
 def fast_call(module: nn.Module) -> Fn:
     """The cheapest callable equal to `module(x)` for the modules a BERT layer holds."""
-    functional = getattr(module, "functional", None)  # int8 linears: torch.ops.quantized.linear_dynamic
-    if functional is not None:
-        return functional()
+    if isinstance(module, HasFunctional):
+        return module.functional()
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
@@ -46,7 +60,7 @@ class LayerStep:
     head_size: int
     self_scaling: float
     cross_scaling: float
-    qkv: Fn | None  # (N, 1, D) -> (N, 1, 3D): q, k, v in one call (set by quantize_int8), else the three below
+    qkv: Fn | None  # (N, 1, D) -> (N, 1, 3D): q, k, v in one call (StepKernels.qkv), else the three below
     query: Fn
     key: Fn
     value: Fn
@@ -61,13 +75,12 @@ class LayerStep:
     ffn_norm: Fn
 
     @classmethod
-    def of(cls, layer: nn.Module) -> "LayerStep":
+    def of(cls, layer: nn.Module, qkv: Fn | None = None) -> "LayerStep":
         attention, cross = layer.attention.self, layer.crossattention.self
-        qkv = getattr(attention, "qkv_int8", None)
         return cls(
             heads=attention.num_attention_heads, head_size=attention.attention_head_size,
             self_scaling=attention.scaling, cross_scaling=cross.scaling,
-            qkv=fast_call(qkv) if qkv is not None else None,
+            qkv=qkv,
             query=fast_call(attention.query), key=fast_call(attention.key), value=fast_call(attention.value),
             self_out=fast_call(layer.attention.output.dense), self_norm=fast_call(layer.attention.output.LayerNorm),
             cross_query=fast_call(cross.query),
@@ -106,10 +119,12 @@ class CachedBertDecoder:
     """A BERT decoder run one token at a time for N rows: per-layer self-attention KV cache, cross-attention keys
     and values of the visual tokens computed once per image and shared by its beams."""
 
-    def __init__(self, bert: nn.Module, visual: torch.Tensor, num_beams: int = 1):
-        """visual (B, P, D) -> ready for rows N = B * num_beams (each image's row repeated for its beams)."""
+    def __init__(self, bert: nn.Module, visual: torch.Tensor, num_beams: int = 1, qkv: list[Fn] | None = None):
+        """visual (B, P, D) -> ready for rows N = B * num_beams (each image's row repeated for its beams);
+        qkv: StepKernels.qkv, one fused projection per layer."""
         self.bert = bert
-        self.layers = [LayerStep.of(layer) for layer in bert.encoder.layer]
+        layers = bert.encoder.layer
+        self.layers = [LayerStep.of(layer, qkv[i] if qkv else None) for i, layer in enumerate(layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V (N, H, P, dh)
         for layer, step in zip(bert.encoder.layer, self.layers):
             attention = layer.crossattention.self

@@ -61,6 +61,9 @@ class CaptionerConfig:
     label_smoothing: float = 0.1  # token cross-entropy label smoothing
     attention_penalty: float = 1.0  # weight of the doubly-stochastic attention penalty (Show, Attend and Tell)
 
+    # --- provenance ---
+    caption_model_version: str | None = field(default=None, compare=False)  # the library that wrote it (on save)
+
     def __post_init__(self) -> None:
         if self.grounding_loss not in GROUNDING_LOSSES:
             raise ValueError(f"grounding_loss must be one of {GROUNDING_LOSSES}, got {self.grounding_loss!r}")

@@ -6,15 +6,12 @@ Shape legend: B images, K beams, N = B*K rows, t tokens so far, V vocabulary, P 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from .cached_step import CachedBertDecoder, repeat_rows
-
-if TYPE_CHECKING:
-    from .modeling import ImageCaptioner
+from .cached_step import CachedBertDecoder, StepKernels, repeat_rows
+from .modeling import CaptionerModel
 
 
 @dataclass
@@ -36,18 +33,21 @@ class DecoderState:
     image and shared by its beams.
 
     use_cache=True is the fast path (`cached_step.CachedBertDecoder`): one new token per step through the BERT
-    layers' own weights (so an int8 model runs int8), self-attention keys/values appended to a per-layer cache,
-    cross-attention keys/values computed once. use_cache=False is the reference: the whole prefix through
-    `BertModel.forward` every step.
+    layers' own weights (so an int8 model runs int8) and a fast mode's `kernels`, self-attention keys/values
+    appended to a per-layer cache, cross-attention keys/values computed once. use_cache=False is the reference:
+    the whole prefix through `BertModel.forward` every step.
     """
 
-    def __init__(self, model: "ImageCaptioner", visual: torch.Tensor, use_cache: bool, num_beams: int = 1):
+    def __init__(self, model: CaptionerModel, visual: torch.Tensor, use_cache: bool, num_beams: int = 1,
+                 kernels: StepKernels | None = None):
         self.model = model
-        keys = model.decoder.head.attention.project_keys(visual)  # (B, P, A), once per image
+        kernels = kernels or StepKernels()
+        keys = model.decoder.attention_keys(visual)  # (B, P, A), once per image
         self.visual = repeat_rows(visual, num_beams)  # (N, P, D)
         self.keys = repeat_rows(keys, num_beams)  # (N, P, A)
+        self.vocab_logits = kernels.vocab_logits or model.decoder.vocab_logits  # (N, D) -> (N, V)
         # the fast path: one token per step, KV cache, cross-attention K/V once per image
-        self.cached = CachedBertDecoder(model.decoder.bert, visual, num_beams) if use_cache else None
+        self.cached = CachedBertDecoder(model.decoder.bert, visual, num_beams, kernels.qkv) if use_cache else None
         bos = model.config.bos_token_id
         N = self.visual.shape[0]
         self.banned = banned_token_ids(model)  # never part of a caption: [PAD], [CLS], [UNK], [MASK]
@@ -61,7 +61,7 @@ class DecoderState:
         else:  # reference path: recompute the whole prefix every step
             hidden, _ = decoder.hidden_states(self.input_ids, self.visual)
         fused, alpha, _ = decoder.head(hidden[:, -1:], self.keys, self.visual)  # (N, 1, D), (N, 1, P)
-        logprobs = decoder.vocab_logits(fused[:, 0]).float().log_softmax(dim=-1)  # (N, V)
+        logprobs = self.vocab_logits(fused[:, 0]).float().log_softmax(dim=-1)  # (N, V)
         logprobs[:, self.banned] = float("-inf")  # masked after normalising: scores stay the model's log-probs
         return logprobs, alpha[:, 0]
 
@@ -75,7 +75,7 @@ class DecoderState:
             self.cached.reorder(rows)
 
 
-def banned_token_ids(model: "ImageCaptioner") -> list[int]:
+def banned_token_ids(model: CaptionerModel) -> list[int]:
     """Special tokens a caption never contains ([SEP] ends it, so it is allowed): [PAD], [CLS], [UNK], [MASK]."""
     cfg, tokenizer = model.config, model.tokenizer
     ids = {cfg.pad_token_id, cfg.bos_token_id}
@@ -87,11 +87,12 @@ def banned_token_ids(model: "ImageCaptioner") -> list[int]:
     return sorted(ids)
 
 
-def greedy_search(model: "ImageCaptioner", visual: torch.Tensor, max_length: int, use_cache: bool = True):
+def greedy_search(model: CaptionerModel, visual: torch.Tensor, max_length: int, use_cache: bool = True,
+                  kernels: StepKernels | None = None):
     """visual (B, P, D) -> token ids (B, L), attention (B, L, P), sum of log-probs (B,), lengths (B,).
     Rows that finished early are padded with [PAD] after their end token."""
     cfg = model.config
-    state = DecoderState(model, visual, use_cache)
+    state = DecoderState(model, visual, use_cache, kernels=kernels)
     B = visual.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
     logprob_sum = torch.zeros(B, device=visual.device)
@@ -111,15 +112,15 @@ def greedy_search(model: "ImageCaptioner", visual: torch.Tensor, max_length: int
     return state.input_ids[:, 1:], torch.stack(alphas, dim=1), logprob_sum, lengths
 
 
-def beam_search(model: "ImageCaptioner", visual: torch.Tensor, num_beams: int, max_length: int,
-                length_penalty: float = 1.0, use_cache: bool = True):
+def beam_search(model: CaptionerModel, visual: torch.Tensor, num_beams: int, max_length: int,
+                length_penalty: float = 1.0, use_cache: bool = True, kernels: StepKernels | None = None):
     """Batched beam search. visual (B, P, D) -> best beam per image: token ids (B, L), attention (B, L, P),
     sum of log-probs (B,), lengths (B,). Hypotheses are ranked by sum / length ** length_penalty."""
     cfg = model.config
     B, K = visual.shape[0], num_beams
     N = B * K
     device = visual.device
-    state = DecoderState(model, visual, use_cache, num_beams=K)  # N = B*K rows
+    state = DecoderState(model, visual, use_cache, num_beams=K, kernels=kernels)  # N = B*K rows
     beam_scores = torch.zeros(B, K, device=device)
     beam_scores[:, 1:] = float("-inf")  # the first step expands beam 0 only
     beam_scores = beam_scores.view(N)
@@ -177,7 +178,7 @@ def merge_wordpieces(pieces: list[str], maps: np.ndarray) -> tuple[list[str], np
     return words, merged
 
 
-def to_caption(model: "ImageCaptioner", token_ids: torch.Tensor, attention: torch.Tensor,
+def to_caption(model: CaptionerModel, token_ids: torch.Tensor, attention: torch.Tensor,
                logprob_sum: float, length: int) -> Caption:
     """One row of decoder output -> Caption; stops at the end token."""
     cfg = model.config
@@ -196,30 +197,29 @@ def to_caption(model: "ImageCaptioner", token_ids: torch.Tensor, attention: torc
     )
 
 
-def caption_images(model: "ImageCaptioner", images: Sequence, num_beams: int = 3, max_length: int = 30,
-                   length_penalty: float = 1.0, use_cache: bool = True) -> list[Caption]:
-    """Preprocess, encode and decode `images` in one batch -> one Caption per image."""
+def generate(model: CaptionerModel, pixel_values: torch.Tensor, num_beams: int = 3, max_length: int = 30,
+             length_penalty: float = 1.0, use_cache: bool = True, kernels: StepKernels | None = None) -> list[Caption]:
+    """Encode and decode a batch of preprocessed images (B, 3, S, S) -> one Caption per image."""
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: load it with from_pretrained or build it with from_backbones")
     if not 1 <= int(num_beams) <= 16:
         raise ValueError(f"num_beams must be between 1 and 16, got {num_beams}")
     if not 1 <= int(max_length) <= model.config.max_position_embeddings - 1:
         raise ValueError(f"max_length must be between 1 and {model.config.max_position_embeddings - 1}, got {max_length}")
-    if len(images) == 0:
-        return []
     was_training = model.training
-    if was_training:  # eval()/train() walk every module: ~4 ms each on the full-size model, so only when needed
+    if was_training:  # eval()/train() walk every module: only when needed
         model.eval()
     try:
         with torch.inference_mode():
-            visual = model.encode(model.preprocess(list(images)))  # (B, P, D)
+            visual = model.encode(pixel_values)  # (B, P, D)
             if num_beams == 1:
-                ids, alphas, sums, lengths = greedy_search(model, visual, max_length, use_cache)
+                ids, alphas, sums, lengths = greedy_search(model, visual, max_length, use_cache, kernels)
             else:
-                ids, alphas, sums, lengths = beam_search(model, visual, num_beams, max_length, length_penalty, use_cache)
+                ids, alphas, sums, lengths = beam_search(model, visual, num_beams, max_length, length_penalty,
+                                                         use_cache, kernels)
             if model.config.grounded_heatmaps:
                 alphas = model.decoder.ground_attention(alphas, visual, ids)  # (B, L, P)
-        return [to_caption(model, ids[i], alphas[i], sums[i].item(), lengths[i].item()) for i in range(len(images))]
+        return [to_caption(model, ids[i], alphas[i], sums[i].item(), lengths[i].item()) for i in range(len(ids))]
     finally:
         if was_training:
             model.train()

@@ -1,6 +1,7 @@
-"""ImageCaptioner: ResNet-50 grid -> visual tokens -> causal BERT with cross-attention -> fusion head.
+"""The network: ResNet-50 grid -> visual tokens -> causal BERT with cross-attention -> fusion head.
 
-Read top to bottom, smallest part first. Shape legend: B batch, T tokens, P grid cells (gh*gw), D hidden,
+Pure PyTorch, read top to bottom, smallest part first. Decoding is generation.py; the Hub format, captioning and
+the fast CPU mode are captioner.py and cpu/. Shape legend: B batch, T tokens, P grid cells (gh*gw), D hidden,
 C encoder channels, V vocabulary, S input side in pixels, A additive-attention width.
 """
 
@@ -9,67 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from huggingface_hub import PyTorchModelHubMixin, snapshot_download
-from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-from .config import ENCODER_STAGES, CaptionerConfig
-from .processing import ImageInput, load_image
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+from .config import ENCODER_STAGES, IGNORE_INDEX, CaptionerConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Image encoder
 # ---------------------------------------------------------------------------------------------------------
-class _OneDNNFusion:
-    """TorchScript's oneDNN Graph fusion switched on while any thread is inside, and back to what it was when the
-    last one leaves (the switch is process-global; save/restore per caller would leak it under concurrency)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._was_enabled = False
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._inside == 0:
-                self._was_enabled = torch.jit.onednn_fusion_enabled()
-                torch.jit.enable_onednn_fusion(True)
-            self._inside += 1
-
-    def __exit__(self, *exc_info) -> None:
-        with self._lock:
-            self._inside -= 1
-            if self._inside == 0:
-                torch.jit.enable_onednn_fusion(self._was_enabled)
-
-
-_ONEDNN_FUSION = _OneDNNFusion()
-
-
 class ImageEncoder(nn.Module):
     """ResNet-50 trunk up to `config.encoder_stage`, without avgpool/fc: (B, 3, S, S) -> (B, C, gh, gw).
 
     The stages before the first trainable one form the *frozen prefix*: always in eval mode, no gradients, and
     its output (`frozen_features`) is what a feature cache stores.
     """
-
-    graph: torch.jit.ScriptModule | None = None  # set by compile_graph (fast CPU inference)
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
@@ -123,56 +84,8 @@ class ImageEncoder(nn.Module):
         return x
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) float pixels -> fp32 grid (B, C, gh, gw), whatever precision the weights are in."""
-        weight = self.stem.conv1.weight
-        if weight.dtype != pixel_values.dtype or weight.is_contiguous(memory_format=torch.channels_last):
-            # fuse_for_inference / to_bfloat16: channels-last input in the weights' dtype
-            pixel_values = pixel_values.to(weight.dtype, memory_format=torch.channels_last)
-        if self.graph is not None:  # compile_graph: the whole trunk in one oneDNN-fused graph
-            with _ONEDNN_FUSION:
-                return self.graph(pixel_values).float()
-        return self.forward_from_frozen(self.frozen_features(pixel_values)).float()
-
-    def fuse_for_inference(self) -> None:
-        """Inference only, same outputs to float rounding: every BatchNorm folded into its convolution and the
-        weights in channels-last layout (oneDNN's native layout). ResNet-50 at 224 px, one thread, this machine:
-        93 -> 82 ms eagerly; compile_graph then fuses further."""
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-        self.eval()
-        pairs = [(self.stem, "conv1", "bn1")]
-        for name in self.stage_names[1:]:
-            for block in getattr(self, name):
-                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
-                if block.downsample is not None:
-                    pairs.append((block.downsample, "0", "1"))
-        for parent, conv, bn in pairs:
-            setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
-            setattr(parent, bn, nn.Identity())
-        self.to(memory_format=torch.channels_last)
-
-    def compile_graph(self) -> None:
-        """Inference only, after fuse_for_inference (and to_bfloat16, if wanted): the trunk traced into one frozen
-        TorchScript graph that oneDNN Graph runs with fused kernels (convolution + ReLU, + residual add). Same
-        outputs to float rounding; ResNet-50 at 224 px on this machine: 48 -> 30 ms (2 threads), 84 -> 58 ms
-        (1 thread). The weights are frozen into the graph: after changing them, call this again. TorchScript
-        optimises a graph on its second or third call with a new input shape; the batch-1 shape is run here."""
-        trunk = nn.Sequential(*self.stages()).eval()
-        weight = self.stem.conv1.weight
-        size = self.config.image_size
-        example = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
-        example = example.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), warnings.catch_warnings(), _ONEDNN_FUSION:
-            warnings.simplefilter("ignore")  # TorchScript's maintenance-mode notices
-            graph = torch.jit.freeze(torch.jit.trace(trunk, example, check_trace=False))
-            for _ in range(3):  # profile, optimise, run: the first user does not wait for it
-                graph(example)
-        object.__setattr__(self, "graph", graph)  # not a submodule: no state_dict keys, no .to()/.train() walk
-
-    def to_bfloat16(self) -> None:
-        """Inference only: bf16 weights in channels-last layout, so oneDNN runs its AMX / AVX512-BF16 convolutions
-        (ResNet-50 at 224 px, one thread: 124 -> 58 ms on this machine's Xeon; relative error of the grid ~1e-2)."""
-        self.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        """(B, 3, S, S) normalised pixels -> grid (B, C, gh, gw)."""
+        return self.forward_from_frozen(self.frozen_features(pixel_values))
 
     def cache_signature(self) -> str:
         """A digest of everything that determines `frozen_features`: input size, frozen stages and their weights."""
@@ -248,61 +161,6 @@ class FusionHead(nn.Module):
         return fused, alpha, (self.context_proj(context) if with_context else None)
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
-
-
-def _cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 convolutions are faster than fp32 (without them oneDNN emulates, slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def _int8_linear_class() -> type:
-    """torch's dynamic int8 Linear, with full 8-bit activations where the CPU has VNNI. torch quantises activations
-    to 7 bits ("reduce_range") so that pre-VNNI int8 instructions cannot saturate; VNNI accumulates in int32, and the
-    8th bit makes int8 captions match fp32 noticeably more often (98% vs 92% of greedy captions, tiny shapes model)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    if not _cpu_has_vnni():
-        return DynamicLinear
-    global _INT8_LINEAR
-    if _INT8_LINEAR is None:
-        class Int8Linear(DynamicLinear):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
-
-            def functional(self) -> Callable[[torch.Tensor], torch.Tensor]:
-                """This layer as a plain function (no nn.Module call): what the cached decoding step runs."""
-                packed, linear = self._packed_params._packed_params, torch.ops.quantized.linear_dynamic
-                return lambda x: linear(x, packed, reduce_range=False)  # fp32 in, fp32 out
-
-        _INT8_LINEAR = Int8Linear
-    return _INT8_LINEAR
-
-
-_INT8_LINEAR: type | None = None
-
-
-def _return_freed_memory_to_the_os() -> None:
-    """glibc keeps large freed blocks in the process heap; malloc_trim hands them back (a no-op elsewhere)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        pass
-
-
 def _bert_config(config: CaptionerConfig) -> BertConfig:
     return BertConfig(
         vocab_size=config.vocab_size,
@@ -329,12 +187,9 @@ class FusionDecoder(nn.Module):
         self.bert = BertModel(_bert_config(config), add_pooling_layer=False)
         self.head = FusionHead(config)
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.vocab_int8: nn.Module | None = None  # set by quantize_int8: an int8 copy of the tied output projection
 
     def vocab_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V), scored against the (tied) input word embeddings."""
-        if self.vocab_int8 is not None:
-            return self.vocab_int8(x)
         return F.linear(x, self.bert.embeddings.word_embeddings.weight, self.output_bias)
 
     def ground_attention(self, alpha: torch.Tensor, visual: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -356,36 +211,13 @@ class FusionDecoder(nn.Module):
             evidence = words @ cells.transpose(1, 2)  # (B, T, P)
         return (alpha.clamp_min(1e-30).log() + evidence).softmax(dim=-1)  # (B, T, P)
 
+    def attention_keys(self, visual: torch.Tensor) -> torch.Tensor:
+        """visual (B, P, D) -> additive-attention keys (B, P, A): once per image, shared by every token."""
+        return self.head.attention.project_keys(visual)
+
     def cell_word_logprobs(self, visual: torch.Tensor) -> torch.Tensor:
         """visual (B, P, D) -> log p(word | cell p alone) (B, P, V), from the context-only head."""
         return self.vocab_logits(self.head.context_proj(visual)).float().log_softmax(dim=-1)
-
-    def quantize_int8(self) -> None:
-        """Dynamic int8 quantisation (CPU, inference only) of the per-token weights: every BERT Linear, the fusion
-        MLP and the output projection (an int8 copy; the fp32 embedding table stays for the input lookup).
-        The additive attention (the heatmap) and the once-per-image parts stay fp32."""
-        V, D = self.bert.embeddings.word_embeddings.weight.shape
-        vocab = nn.Linear(D, V, device="meta")  # (D -> V); the tied weights are copied in below
-        vocab.weight = nn.Parameter(self.bert.embeddings.word_embeddings.weight.detach().clone())  # (V, D)
-        vocab.bias = nn.Parameter(self.output_bias.detach().clone())  # (V,)
-        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-            spec = {nn.Linear: per_channel_dynamic_qconfig}  # one scale per output row: closer to fp32 than per tensor
-            mapping = {nn.Linear: _int8_linear_class()}
-            for layer in self.bert.encoder.layer:  # one int8 call for q, k, v of the cached one-token step
-                attention = layer.attention.self
-                qkv = nn.Linear(D, 3 * D)  # (D -> 3D): rows of query, key, value stacked
-                qkv.weight = nn.Parameter(torch.cat([attention.query.weight, attention.key.weight,
-                                                     attention.value.weight]).detach().clone())
-                qkv.bias = nn.Parameter(torch.cat([attention.query.bias, attention.key.bias,
-                                                   attention.value.bias]).detach().clone())
-                # per-row weight scales and one activation scale: the same numbers as three separate calls
-                attention.qkv_int8 = quantize_dynamic(nn.Sequential(qkv), spec, mapping=mapping)[0]
-            quantize_dynamic(self.bert.encoder, spec, mapping=mapping, inplace=True)
-            quantize_dynamic(self.head.fuse, spec, mapping=mapping, inplace=True)
-            self.vocab_int8 = quantize_dynamic(nn.Sequential(vocab), spec, mapping=mapping)[0]
 
     def hidden_states(self, input_ids, visual, attention_mask=None, past_key_values=None, use_cache=False):
         """input_ids (B, T), visual (B, P, D) -> hidden (B, T, D), cache."""
@@ -410,19 +242,14 @@ class CaptionerOutput:
     losses: dict[str, torch.Tensor] | None = None  # the loss terms, for logging
 
 
-class ImageCaptioner(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="caption-model",
-    pipeline_tag="image-to-text",
-    tags=["image-captioning", "attention-heatmap", "resnet-50", "bert"],
-):
-    """ResNet-50 encoder + causal BERT fusion decoder whose additive attention gives a heatmap per word."""
+class CaptionerModel(nn.Module):
+    """The network: ResNet-50 encoder -> visual tokens -> causal BERT fusion decoder whose additive attention gives
+    a heatmap per word. `forward` is the teacher-forced training pass; decoding lives in generation.py and the
+    public class with the Hub format, `caption()` and the fast CPU mode is `captioner.ImageCaptioner`."""
 
-    def __init__(self, config: CaptionerConfig):
+    def __init__(self, config: CaptionerConfig | dict):
         super().__init__()
-        if isinstance(config, dict):
-            config = CaptionerConfig.from_dict(config)
+        config = CaptionerConfig.from_dict(config) if isinstance(config, dict) else config
         self.config = config
         self.encoder = ImageEncoder(config)
         self.projection = VisualProjection(config)
@@ -446,7 +273,7 @@ class ImageCaptioner(
         decoder: str | os.PathLike | None = "bert-base-uncased",
         encoder_weights: str | None = "IMAGENET1K_V2",
         tokenizer: PreTrainedTokenizerBase | None = None,
-    ) -> "ImageCaptioner":
+    ) -> "CaptionerModel":
         """A new model with pretrained backbones: torchvision ResNet-50 `encoder_weights` (None: random) and a
         BERT checkpoint `decoder` (Hub id or local path; None: random decoder, then `tokenizer` is required).
         The decoder's architecture fields (hidden size, layers, vocabulary...) are taken from its checkpoint."""
@@ -483,117 +310,13 @@ class ImageCaptioner(
         model.tokenizer = tokenizer
         return model
 
-    # --- Hub format --------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write config.json, model.safetensors and the tokenizer files into `save_directory`."""
-        from safetensors.torch import save_model
-
-        if kwargs.get("push_to_hub"):
-            raise ValueError("use push_to_hub.py (or HfApi.upload_folder) to publish; save_pretrained saves locally")
-        if self.quantized:
-            raise ValueError("this model was quantized for inference (quantize_int8); save the fp32 model instead")
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
-        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(directory))
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        map_location: str = "cpu",
-        config: CaptionerConfig | dict | None = None,
-        quantize: str | None = None,
-        **unused: Any,
-    ) -> "ImageCaptioner":
-        from safetensors.torch import load_model
-
-        if os.path.isdir(model_id):
-            folder = Path(model_id)
-        else:
-            folder = Path(
-                snapshot_download(
-                    repo_id=model_id,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    local_files_only=local_files_only,
-                    token=token,
-                    allow_patterns=["*.json", "*.safetensors", "*.txt"],
-                )
-            )
-        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{model_id} is not a complete captioner checkpoint: missing {', '.join(missing)}")
-        config = CaptionerConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-        model = cls(config)
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=map_location)
-        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-            model.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model.eval()
-        if quantize is not None:
-            if quantize != "int8":
-                raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-            model.quantize_int8()
-        return model
-
-    # --- images ------------------------------------------------------------------------------------------
     @property
     def grid_size(self) -> tuple[int, int]:
         return self.config.grid_size
 
-    def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
-        """Images (PIL, paths, bytes) -> (B, 3, S, S) normalised pixels; the whole image is resized, no crop,
-        so attention cell (i, j) covers x in [j*W/gw, (j+1)*W/gw), y in [i*H/gh, (i+1)*H/gh)."""
-        if isinstance(images, (Image.Image, str, os.PathLike, bytes, np.ndarray)):
-            images = [images]
-        side = self.config.image_size
-        batch = np.stack(
-            [np.asarray(load_image(im).resize((side, side), Image.Resampling.BICUBIC)) for im in images]
-        )  # (B, S, S, 3) uint8
-        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
-        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
-        return ((pixels - mean) / std).to(self.device)
-
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    # --- fast CPU inference ----------------------------------------------------------------------------------
-    @property
-    def quantized(self) -> bool:
-        """True after quantize_int8(): an inference-only model (no training, no save_pretrained)."""
-        return self.decoder.vocab_int8 is not None
-
-    def quantize_int8(self, encoder_bf16: bool | None = False) -> "ImageCaptioner":
-        """The fast CPU inference mode, in place; returns self. The decoder's per-token weights become int8
-        (dynamic quantisation: ~4x fewer weight bytes read per generated token); captions stay (nearly always) the
-        same as fp32, see benchmarks/int8_quality.py. The ResNet gets its BatchNorms folded and runs as one
-        oneDNN-fused TorchScript graph (ImageEncoder.compile_graph; same grid to float rounding).
-        Also `ImageCaptioner.from_pretrained(path, quantize="int8")`.
-        encoder_bf16: also run the ResNet in bf16 (None: when the CPU has AMX or AVX512-BF16). Off by default: it
-        halves the ResNet time, but on 1000 shapes images beam-3 captions matched fp32 95.1% of the time with it
-        (bf16 for all stages but the last: 94.8%) against 96.3% without; the rule is >= 95%."""
-        if self.device.type != "cpu":
-            raise ValueError(f"int8 dynamic quantisation runs on CPU; this model is on {self.device}")
-        if not self.quantized:
-            self.eval()
-            self.decoder.quantize_int8()
-            self.encoder.fuse_for_inference()
-            if _cpu_has_native_bf16() if encoder_bf16 is None else encoder_bf16:
-                self.encoder.to_bfloat16()
-            self.encoder.compile_graph()
-            _return_freed_memory_to_the_os()  # the fp32 decoder weights just freed: ~280 MB on the full model
-        return self
 
     def encode(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
         """Pixels (B, 3, S, S) or cached frozen features -> visual tokens (B, P, D)."""
@@ -602,7 +325,7 @@ class ImageCaptioner(
         if image_features is None:
             grid = self.encoder(pixel_values)
         else:
-            grid = self.encoder.forward_from_frozen(image_features.to(self.encoder.stem.conv1.weight.dtype)).float()
+            grid = self.encoder.forward_from_frozen(image_features)
         return self.projection(grid)  # (B, C, gh, gw) -> (B, P, D)
 
     # --- training forward --------------------------------------------------------------------------------
@@ -617,7 +340,7 @@ class ImageCaptioner(
         image_index: torch.Tensor | None = None,
     ) -> CaptionerOutput:
         """Teacher-forced pass. input_ids (B, T) start with [CLS]; labels (B, T) are input_ids with padding set
-        to -100 (shifted inside: logits[:, t] is scored against labels[:, t+1]). With `image_index` (B,), the
+        to IGNORE_INDEX (shifted inside: logits[:, t] is scored against labels[:, t+1]). With `image_index` (B,), the
         images (I of them) are encoded once and caption b reads image image_index[b] (several captions per image)."""
         if input_ids is None:
             raise ValueError("input_ids (B, T) are required: the caption prefix starting with [CLS]")
@@ -625,7 +348,7 @@ class ImageCaptioner(
         if image_index is not None:
             visual = visual.index_select(0, image_index.to(visual.device))  # (I, P, D) -> (B, P, D)
         hidden, _ = self.decoder.hidden_states(input_ids, visual, attention_mask)  # (B, T, D)
-        keys = self.decoder.head.attention.project_keys(visual)  # (B, P, A)
+        keys = self.decoder.attention_keys(visual)  # (B, P, A)
         want_context = labels is not None and context_loss_weight > 0
         pooled = want_context and self.config.grounding_loss == "pooled"
         fused, alpha, context = self.decoder.head(hidden, keys, visual, with_context=pooled)
@@ -644,7 +367,7 @@ class ImageCaptioner(
         (a latent alignment, as in hard attention), not by a blend of cells. alpha (B, T, P), visual (B, P, D)."""
         cell_logp = self.decoder.cell_word_logprobs(visual)  # (B, P, V), once per image row
         targets = labels[:, 1:]  # (B, T-1)
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         P = cell_logp.shape[1]
         word_logp = cell_logp.gather(2, targets.clamp_min(0)[:, None, :].expand(-1, P, -1))  # (B, P, T-1)
         log_alpha = alpha[:, :-1].clamp_min(1e-30).log()  # (B, T-1, P)
@@ -653,12 +376,12 @@ class ImageCaptioner(
 
     def _losses(self, logits, alpha, labels, context_logits, context_loss_weight) -> dict[str, torch.Tensor]:
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
-        valid = (targets != -100).float()  # (B, T-1)
+        valid = (targets != IGNORE_INDEX).float()  # (B, T-1)
         V = logits.shape[-1]
         losses = {
             "caption": F.cross_entropy(
                 logits[:, :-1].reshape(-1, V), targets.reshape(-1),
-                ignore_index=-100, label_smoothing=self.config.label_smoothing,
+                ignore_index=IGNORE_INDEX, label_smoothing=self.config.label_smoothing,
             )
         }
         if self.config.attention_penalty > 0:
@@ -669,24 +392,9 @@ class ImageCaptioner(
             losses["attention"] = self.config.attention_penalty * ((1.0 / P - share) ** 2).sum(-1).mean() * P
         if context_logits is not None:
             losses["context"] = context_loss_weight * F.cross_entropy(
-                context_logits[:, :-1].reshape(-1, V), targets.reshape(-1), ignore_index=-100
+                context_logits[:, :-1].reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return losses
-
-    # --- decoding (see generation.py) ----------------------------------------------------------------------
-    def caption(self, image: ImageInput, num_beams: int = 3, max_length: int = 30, length_penalty: float = 1.0,
-                use_cache: bool = True):
-        """Caption one image (PIL image or path) -> Caption(text, words, attention [n, gh, gw], score)."""
-        return self.caption_batch([image], num_beams, max_length, length_penalty, use_cache)[0]
-
-    def caption_batch(self, images: Sequence[ImageInput], num_beams: int = 3, max_length: int = 30,
-                      length_penalty: float = 1.0, use_cache: bool = True):
-        """Caption several images in one batched forward -> list of Caption."""
-        from .generation import caption_images
-
-        return caption_images(self, images, num_beams=num_beams, max_length=max_length,
-                              length_penalty=length_penalty, use_cache=use_cache)
-
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     for name in ("pad_token_id", "cls_token_id", "sep_token_id"):

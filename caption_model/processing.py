@@ -1,14 +1,18 @@
-"""Image loading: any PIL-readable input becomes an upright RGB image, or a ValueError that says why not."""
+"""Images in: any PIL-readable input becomes an upright RGB image (or a ValueError that says why not), then the
+normalised pixel tensor the encoder reads."""
 
 from __future__ import annotations
 
 import io
 import os
 import warnings
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import CaptionerConfig
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
 
@@ -90,3 +94,18 @@ def load_image(source: ImageInput) -> Image.Image:
         raise ImageLoadError(f"expected an image file (JPEG, PNG, GIF, WebP, ...), but {name} is not an image") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"could not read {name}: the image is truncated or corrupt ({error})") from error
+
+
+def preprocess(images: Sequence[ImageInput] | ImageInput, config: CaptionerConfig) -> torch.Tensor:
+    """Images (PIL, paths, bytes, arrays) -> (B, 3, S, S) normalised float pixels. The whole image is resized to
+    S x S (no crop), so every part of it reaches the attention grid."""
+    if isinstance(images, (Image.Image, str, os.PathLike, bytes, np.ndarray)):
+        images = [images]
+    side = config.image_size
+    batch = np.stack(
+        [np.asarray(load_image(im).resize((side, side), Image.Resampling.BICUBIC)) for im in images]
+    )  # (B, S, S, 3) uint8
+    pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+    mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std).view(1, 3, 1, 1)
+    return (pixels - mean) / std

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from caption_model import CaptionerConfig, ImageCaptioner
-from caption_model.shapes import generate_shapes_example
+from caption_model.training.shapes import generate_shapes_example
 
 from conftest import build_tiny_captioner, tiny_config
 
@@ -228,13 +228,15 @@ def test_save_load_round_trip_identical_logits_and_captions(tiny_trained_caption
             np.testing.assert_array_equal(x.attention, y.attention)
 
 
-def test_checkpoint_folder_holds_only_json_safetensors_and_tokenizer_files(tiny_checkpoint):
+def test_checkpoint_folder_holds_only_json_safetensors_tokenizer_files_and_the_card(tiny_checkpoint):
     from pathlib import Path
 
+    from huggingface_hub import ModelCard
+
     files = sorted(p.name for p in Path(tiny_checkpoint).rglob("*") if p.is_file())
-    assert "config.json" in files and "model.safetensors" in files
+    assert "config.json" in files and "model.safetensors" in files and "README.md" in files
     assert "tokenizer.json" in files or "vocab.txt" in files
-    allowed_suffixes = {".json", ".safetensors", ".txt"}
+    allowed_suffixes = {".json", ".safetensors", ".txt", ".md"}
     assert all(Path(name).suffix in allowed_suffixes for name in files), files
     for name in files:  # every file parses as what its name says: no pickle hiding anywhere
         path = Path(tiny_checkpoint) / name
@@ -242,6 +244,8 @@ def test_checkpoint_folder_holds_only_json_safetensors_and_tokenizer_files(tiny_
             json.loads(path.read_text(encoding="utf-8"))
         elif name.endswith(".txt"):
             path.read_text(encoding="utf-8")
+        elif name == "README.md":  # the model card push_to_hub.py also writes: one library_name
+            assert ModelCard.load(path).data.library_name == ImageCaptioner._hub_mixin_info.model_card_data.library_name
         else:
             assert load_file(str(path))
     config = json.loads((Path(tiny_checkpoint) / "config.json").read_text())

@@ -13,8 +13,11 @@ import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from caption_model import ImageCaptioner
+from caption_model.cpu.encoder_graph import FusedEncoder
+from caption_model.cpu.features import cpu_flags, has_native_bf16
 from caption_model.generation import DecoderState, beam_search, greedy_search
-from caption_model.shapes import generate_shapes_example
+from caption_model.modeling import ImageEncoder
+from caption_model.training.shapes import generate_shapes_example
 from conftest import shapes_images
 
 MAX_LEN = 20
@@ -89,15 +92,35 @@ def test_cross_attention_keys_and_values_are_projected_once_per_image(tiny_train
 
 
 # --- int8 -----------------------------------------------------------------------------------------------------
-def test_quantize_int8_quantizes_the_per_token_weights(int8_captioner):
+def test_quantize_int8_quantizes_the_per_token_weights(tiny_trained_captioner, int8_captioner):
     decoder = int8_captioner.decoder
-    assert int8_captioner.quantized
+    assert int8_captioner.quantized and int8_captioner.fast_mode == "int8"
     linears = [m for m in decoder.bert.encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == []  # every BERT layer Linear is int8
-    assert isinstance(decoder.vocab_int8, DynamicInt8Linear)
-    assert decoder.vocab_int8.weight().shape == decoder.bert.embeddings.word_embeddings.weight.shape
     assert all(isinstance(m, DynamicInt8Linear) for m in decoder.head.fuse if not isinstance(m, (torch.nn.GELU,
                                                                                                 torch.nn.LayerNorm)))
+    # the step's int8 kernels: the tied output projection and one fused q/k/v per layer, close to fp32
+    kernels, fp32 = int8_captioner.step_kernels, tiny_trained_captioner.decoder
+    x = torch.randn(5, 1, fp32.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = fp32.vocab_logits(x)
+        assert (kernels.vocab_logits(x) - reference).norm() / reference.norm() < 0.05
+        assert len(kernels.qkv) == fp32.config.num_hidden_layers
+        a = fp32.bert.encoder.layer[1].attention.self
+        reference = torch.cat([a.query(x), a.key(x), a.value(x)], dim=-1)  # (5, 1, 3D)
+        assert (kernels.qkv[1](x) - reference).norm() / reference.norm() < 0.05
+
+
+def test_the_deprecated_quantisation_api_is_still_there():
+    """torch announced torch.ao.quantization for removal: this fails, naming the one function to port, first."""
+    from caption_model.cpu.int8 import _torch_dynamic_quantization
+
+    try:
+        quantize_dynamic, qconfig, linear = _torch_dynamic_quantization()
+    except (ImportError, AttributeError) as error:
+        pytest.fail(f"torch.ao dynamic quantisation is gone ({error}): port caption_model/cpu/int8.py's "
+                    "_torch_dynamic_quantization to torchao or torch's own int8 kernels")
+    assert callable(quantize_dynamic) and qconfig is not None and issubclass(linear, torch.nn.Module)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -122,8 +145,7 @@ def test_bf16_encoder_keeps_the_grid(tiny_trained_captioner, images):
     """quantize_int8(encoder_bf16=True): the ResNet in bf16 (channels-last, for oneDNN's AMX / AVX512-BF16
     kernels) gives the fp32 grid to bf16 precision, as fp32, from the same fp32 pixels, and still captions."""
     fast = copy.deepcopy(tiny_trained_captioner).quantize_int8(encoder_bf16=True)
-    assert fast.encoder.stem.conv1.weight.dtype == torch.bfloat16
-    assert fast.encoder.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(fast.encoder, FusedEncoder) and fast.encoder.dtype == torch.bfloat16
     pixels = tiny_trained_captioner.preprocess(images[:8])
     with torch.inference_mode():
         reference = tiny_trained_captioner.encoder(pixels)  # (8, C, gh, gw)
@@ -136,13 +158,11 @@ def test_bf16_encoder_keeps_the_grid(tiny_trained_captioner, images):
 
 
 def test_quantize_int8_keeps_the_fp32_encoder_unless_asked(tiny_trained_captioner):
-    from caption_model.modeling import _cpu_has_native_bf16
-
     default = copy.deepcopy(tiny_trained_captioner).quantize_int8()
-    assert default.encoder.stem.conv1.weight.dtype == torch.float32
+    assert default.encoder.dtype == torch.float32
     auto = copy.deepcopy(tiny_trained_captioner).quantize_int8(encoder_bf16=None)
-    expected = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-    assert auto.encoder.stem.conv1.weight.dtype == expected
+    expected = torch.bfloat16 if has_native_bf16(cpu_flags()) else torch.float32
+    assert auto.encoder.dtype == expected
 
 
 def test_from_pretrained_int8(tiny_checkpoint, tiny_trained_captioner, images):
@@ -164,7 +184,7 @@ def test_a_quantized_model_is_not_saved(int8_captioner, tmp_path):
 
 def test_quantizing_leaves_the_fp32_model_alone(tiny_trained_captioner, int8_captioner):
     assert not tiny_trained_captioner.quantized
-    assert tiny_trained_captioner.decoder.vocab_int8 is None
+    assert tiny_trained_captioner.step_kernels is None and isinstance(tiny_trained_captioner.encoder, ImageEncoder)
     assert any(isinstance(m, torch.nn.Linear) for m in tiny_trained_captioner.decoder.bert.encoder.modules())
 
 
@@ -179,12 +199,13 @@ def test_cached_step_equals_transformers_cached_forward(precision):
     model = build_tiny_captioner(seed=7).eval()
     if precision == "int8":
         model.quantize_int8()
+    qkv = model.step_kernels.qkv if model.step_kernels else None  # int8: the fused q/k/v projection too
     rng = np.random.default_rng(3)
     pixels = model.preprocess([generate_shapes_example(rng).image for _ in range(2)])
     tokens = torch.randint(5, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         visual = model.encode(pixels)
-        ours, past = CachedBertDecoder(model.decoder.bert, visual), None
+        ours, past = CachedBertDecoder(model.decoder.bert, visual, qkv=qkv), None
         for t in range(tokens.shape[1]):
             theirs, past = model.decoder.hidden_states(tokens[:, t:t + 1], visual, past_key_values=past, use_cache=True)
             torch.testing.assert_close(ours(tokens[:, t:t + 1]), theirs, atol=1e-5, rtol=1e-5)
@@ -197,8 +218,8 @@ def test_fast_mode_runs_the_encoder_as_one_fused_graph_with_the_eager_grid(tiny_
     submodule (no state_dict keys)."""
     fast = copy.deepcopy(tiny_trained_captioner).quantize_int8()
     assert isinstance(fast.encoder.graph, torch.jit.ScriptModule)
-    assert not any("graph" in key for key in fast.state_dict())
-    assert tiny_trained_captioner.encoder.graph is None  # the fp32 model runs eagerly
+    assert not any(key.startswith("encoder.") for key in fast.state_dict())  # weights frozen into the graph
+    assert isinstance(tiny_trained_captioner.encoder, ImageEncoder)  # the fp32 model runs eagerly
     with torch.inference_mode():
         for batch in (images[:1], images[:3], images[:1]):
             pixels = tiny_trained_captioner.preprocess(batch)

@@ -1,4 +1,4 @@
-"""caption_model.threads: inference threads follow the CPUs a container may use, not the host's core count."""
+"""caption_model.cpu.threads: inference threads follow the CPUs a container may use, not the host's core count."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from caption_model.threads import available_cpus, cpu_quota, set_inference_threads
+from caption_model.cpu.threads import available_cpus, cpu_quota, set_inference_threads
 
 
 def write(path, text: str) -> None:

@@ -1,0 +1,3 @@
+"""The library version: in pyproject.toml's metadata and in every checkpoint's config.json."""
+
+__version__ = "0.3.0"
