@@ -1,4 +1,4 @@
-"""Does the int8 decoder keep the captions? fp32 vs int8 on generated shapes images (issue 6).
+"""Does the int8 decoder keep the captions? fp32 vs int8 on generated shapes images.
 
     python benchmarks/int8_quality.py checkpoints/shapes/best                 # 200 images, greedy + beam 3
     python benchmarks/int8_quality.py checkpoints/shapes/best --images 50 --beams 1

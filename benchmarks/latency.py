@@ -1,4 +1,4 @@
-"""CPU latency of captioning, measured side by side in one run (DESIGN.md "Benchmarks", issue 6).
+"""CPU latency of captioning, measured side by side in one run.
 
     python benchmarks/latency.py                 # full run: >= 10 interleaved timed runs per figure, both presets
     python benchmarks/latency.py --quick         # 3 runs, smoke check of the script
@@ -211,27 +211,24 @@ def memory_bandwidth_gbs() -> float:
 
 def decoder_bytes_per_token(model) -> int:
     """Weight bytes read to generate one token (one row): every decoder Linear the one-token step runs (the int8
-    mode runs q/k/v as one fused `qkv_int8`, not the three separate layers), the output projection, the fusion
+    mode's fused q/k/v reads the same bytes as the three layers it stands for), the output projection, the fusion
     MLP and the attention query; not what runs once per image or caption (cross-attention keys/values, attention
     keys, the context-only head of the heatmaps)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     once = ("crossattention.self.key", "crossattention.self.value", "head.attention.key", "head.context_proj")
-    fused_qkv = getattr(model.decoder.bert.encoder.layer[0].attention.self, "qkv_int8", None)
     total = 0
     for name, module in model.decoder.named_modules():
         if any(part in name for part in once):
-            continue
-        if fused_qkv is not None and name.endswith(("attention.self.query", "attention.self.key",
-                                                    "attention.self.value")) and "crossattention" not in name:
             continue
         if isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, DynamicInt8Linear):  # int8 weights + fp32 bias
             weight, bias = module._weight_bias()
             total += weight.numel() + (bias.numel() * 4 if bias is not None else 0)
-    if model.decoder.vocab_int8 is None:
-        total += model.decoder.bert.embeddings.word_embeddings.weight.numel() * 4
+    V, D = model.decoder.bert.embeddings.word_embeddings.weight.shape
+    int8_vocab = getattr(model, "step_kernels", None) is not None and model.step_kernels.vocab_logits is not None
+    total += V * D + V * 4 if int8_vocab else V * D * 4  # the tied output projection (+ its fp32 bias when int8)
     return total
 
 
