@@ -81,7 +81,19 @@ class CaptionUI:
         max_length: int = 30,
         length_penalty: float = 1.0,
     ) -> tuple[str, dict[str, Any], Result]:
-        """Caption an uploaded image: (caption text, JSON with words and heatmaps, state for the views)."""
+        """Caption an image and give, for every word, a heatmap of where the model looked.
+
+        Args:
+            image: the image: an https URL or a data URL (data:image/png;base64,...); from the UI, an upload.
+            decoding: "beam" (beam search, better captions) or "greedy" (faster).
+            num_beams: beams for beam search, 1 to 5.
+            max_length: longest caption in tokens.
+            length_penalty: beam search only; above 1 favours longer captions.
+
+        Returns:
+            The caption, and JSON with "caption", "words", "score", "grid_size" [rows, cols], "image_size"
+            [width, height] and "attention": one [rows][cols] map per word, each summing to 1.
+        """
         source, name = uploaded_file(image)
         if source is None:
             raise gr.Error("No image yet: upload one, paste it from the clipboard, use the webcam or pick an example.")
