@@ -4,11 +4,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test install bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt   # the project, editable, with all extras (pyproject.toml)
 	touch $@
 
 install: $(VENV)/.installed

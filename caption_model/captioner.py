@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from ._version import __version__
 from .cached_step import StepKernels
 from .config import CONFIG_FILE, LIBRARY_NAME, MODEL_TAGS, PIPELINE_TAG, WEIGHTS_FILE, CaptionerConfig
-from .generation import Caption, generate
+from .generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY, Caption, generate
 from .modeling import CaptionerModel
 from .processing import ImageInput, preprocess
 
@@ -45,17 +45,23 @@ class ImageCaptioner(
 
     # --- captioning ------------------------------------------------------------------------------------------
     def caption(self, image: ImageInput, num_beams: int = 3, max_length: int = 30, length_penalty: float = 1.0,
-                use_cache: bool = True) -> Caption:
-        """Caption one image (PIL image, path, bytes or array) -> Caption(text, words, attention, score)."""
-        return self.caption_batch([image], num_beams, max_length, length_penalty, use_cache)[0]
+                use_cache: bool = True, no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+                repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> Caption:
+        """Caption one image (PIL image, path, bytes or array) -> Caption(text, words, attention, score).
+        no_repeat_ngram_size (0 = off), repetition_penalty (1.0 = off): caption_model.generation."""
+        return self.caption_batch([image], num_beams, max_length, length_penalty, use_cache,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)[0]
 
     def caption_batch(self, images: Sequence[ImageInput], num_beams: int = 3, max_length: int = 30,
-                      length_penalty: float = 1.0, use_cache: bool = True) -> list[Caption]:
+                      length_penalty: float = 1.0, use_cache: bool = True,
+                      no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+                      repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> list[Caption]:
         """Caption several images in one batched forward -> one Caption per image."""
         if len(images) == 0:
             return []
         return generate(self, self.preprocess(list(images)), num_beams=num_beams, max_length=max_length,
-                        length_penalty=length_penalty, use_cache=use_cache, kernels=self.step_kernels)
+                        length_penalty=length_penalty, use_cache=use_cache, kernels=self.step_kernels,
+                        no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
 
     def preprocess(self, images: Sequence[ImageInput] | ImageInput):
         """Images -> (B, 3, S, S) normalised pixels on the model's device (processing.preprocess)."""

@@ -1,4 +1,12 @@
-"""Decoding: greedy and batched beam search over a `step()` API, with a KV cache and per-token attention.
+"""Decoding: greedy and batched beam search over a `step()` API, with a KV cache, per-token attention and
+repetition control.
+
+Repetition control steers the search, never the reported score (Caption.score stays the model's log-probability):
+- no_repeat_ngram_size n > 0: a token that would complete an n-gram the caption already contains gets -inf.
+- repetition_penalty r != 1: the log-probability of every token already in the caption is multiplied by r. This
+  is the CTRL rule (positive logits / r, negative logits * r) applied to log-probabilities, which are all <= 0,
+  so r > 1 always lowers a seen token; the row is not renormalised, so in beam search a hypothesis that repeats
+  itself falls behind the others (what transformers' beam search does; its greedy search penalises raw logits).
 
 Shape legend: B images, K beams, N = B*K rows, t tokens so far, V vocabulary, P grid cells, D hidden.
 """
@@ -13,6 +21,12 @@ import torch
 from .cached_step import CachedBertDecoder, StepKernels, repeat_rows
 from .modeling import CaptionerModel
 
+# What ImageCaptioner.caption(), the CLI and the app use: blocks phrase loops ("a blue square a blue square ...").
+# A 3-gram such as "a red circle" never legitimately repeats in a shapes caption (its objects are distinct);
+# bigrams such as "a red" do, so 2 would be too strict. The penalty is off by default: captions repeat "a".
+DEFAULT_NO_REPEAT_NGRAM_SIZE = 3
+DEFAULT_REPETITION_PENALTY = 1.0
+
 
 @dataclass
 class Caption:
@@ -21,7 +35,7 @@ class Caption:
     text: str  # the caption, words joined by spaces
     words: list[str]  # whole words (WordPiece pieces merged)
     attention: np.ndarray  # float32 (len(words), gh, gw); each map sums to 1
-    score: float  # mean log-probability of the generated tokens (words and the end token)
+    score: float  # mean log-probability of the generated tokens (words and the end token) under the model
     token_ids: list[int] = field(default_factory=list)  # generated token ids, end token excluded
 
 
@@ -36,11 +50,15 @@ class DecoderState:
     layers' own weights (so an int8 model runs int8) and a fast mode's `kernels`, self-attention keys/values
     appended to a per-layer cache, cross-attention keys/values computed once. use_cache=False is the reference:
     the whole prefix through `BertModel.forward` every step.
+
+    `search_scores()` applies the repetition controls (module docstring) to what `step()` returns.
     """
 
     def __init__(self, model: CaptionerModel, visual: torch.Tensor, use_cache: bool, num_beams: int = 1,
-                 kernels: StepKernels | None = None):
+                 kernels: StepKernels | None = None, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
         self.model = model
+        self.no_repeat_ngram_size = int(no_repeat_ngram_size)
+        self.repetition_penalty = float(repetition_penalty)
         kernels = kernels or StepKernels()
         keys = model.decoder.attention_keys(visual)  # (B, P, A), once per image
         self.visual = repeat_rows(visual, num_beams)  # (N, P, D)
@@ -65,6 +83,22 @@ class DecoderState:
         logprobs[:, self.banned] = float("-inf")  # masked after normalising: scores stay the model's log-probs
         return logprobs, alpha[:, 0]
 
+    def search_scores(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The model's log-probabilities (N, V) -> what the search ranks by: the same tensor when the repetition
+        controls are off, else a copy with seen tokens penalised and n-gram repeats at -inf."""
+        generated = self.input_ids[:, 1:]  # (N, t) without the start token
+        if generated.shape[1] == 0:
+            return logprobs
+        if self.repetition_penalty != 1.0:
+            seen = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, generated, True)  # (N, V)
+            logprobs = torch.where(seen, logprobs * self.repetition_penalty, logprobs)
+        if self.no_repeat_ngram_size > 0:
+            rows, tokens = repeated_ngram_completions(generated.tolist(), self.no_repeat_ngram_size)
+            if rows:
+                logprobs = logprobs.clone() if self.repetition_penalty == 1.0 else logprobs
+                logprobs[rows, tokens] = float("-inf")
+        return logprobs
+
     def append(self, tokens: torch.Tensor) -> None:
         self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)  # (N, t) -> (N, t+1)
 
@@ -73,6 +107,22 @@ class DecoderState:
         self.input_ids = self.input_ids[rows]
         if self.cached is not None:
             self.cached.reorder(rows)
+
+
+def repeated_ngram_completions(prefixes: list[list[int]], n: int) -> tuple[list[int], list[int]]:
+    """Token ids per row that would complete an n-gram the row already contains -> (rows, tokens) index lists.
+    The end token is never among them: an unfinished row has not generated it yet."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    for row, ids in enumerate(prefixes):
+        if len(ids) < n:
+            continue
+        tail = ids[len(ids) - n + 1:]  # the last n-1 tokens: the start of the n-gram the next token completes
+        for start in range(len(ids) - n + 1):
+            if ids[start:start + n - 1] == tail:
+                rows.append(row)
+                tokens.append(ids[start + n - 1])
+    return rows, tokens
 
 
 def banned_token_ids(model: CaptionerModel) -> list[int]:
@@ -88,11 +138,12 @@ def banned_token_ids(model: CaptionerModel) -> list[int]:
 
 
 def greedy_search(model: CaptionerModel, visual: torch.Tensor, max_length: int, use_cache: bool = True,
-                  kernels: StepKernels | None = None):
+                  kernels: StepKernels | None = None, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
     """visual (B, P, D) -> token ids (B, L), attention (B, L, P), sum of log-probs (B,), lengths (B,).
-    Rows that finished early are padded with [PAD] after their end token."""
+    Rows that finished early are padded with [PAD] after their end token. Repetition control: module docstring."""
     cfg = model.config
-    state = DecoderState(model, visual, use_cache, kernels=kernels)
+    state = DecoderState(model, visual, use_cache, kernels=kernels, no_repeat_ngram_size=no_repeat_ngram_size,
+                         repetition_penalty=repetition_penalty)
     B = visual.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
     logprob_sum = torch.zeros(B, device=visual.device)
@@ -100,7 +151,7 @@ def greedy_search(model: CaptionerModel, visual: torch.Tensor, max_length: int, 
     alphas = []
     for _ in range(max_length):
         logprobs, alpha = state.step()  # (B, V), (B, P)
-        tokens = logprobs.argmax(dim=-1)  # (B,)
+        tokens = state.search_scores(logprobs).argmax(dim=-1)  # (B,)
         tokens = torch.where(finished, torch.full_like(tokens, cfg.pad_token_id), tokens)
         logprob_sum += torch.where(finished, 0.0, logprobs.gather(1, tokens[:, None])[:, 0])
         lengths += (~finished).long()
@@ -113,17 +164,21 @@ def greedy_search(model: CaptionerModel, visual: torch.Tensor, max_length: int, 
 
 
 def beam_search(model: CaptionerModel, visual: torch.Tensor, num_beams: int, max_length: int,
-                length_penalty: float = 1.0, use_cache: bool = True, kernels: StepKernels | None = None):
+                length_penalty: float = 1.0, use_cache: bool = True, kernels: StepKernels | None = None,
+                no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
     """Batched beam search. visual (B, P, D) -> best beam per image: token ids (B, L), attention (B, L, P),
-    sum of log-probs (B,), lengths (B,). Hypotheses are ranked by sum / length ** length_penalty."""
+    sum of the model's log-probs (B,), lengths (B,). Hypotheses are ranked by sum / length ** length_penalty,
+    the sum taken over the search scores (the log-probs after repetition control, module docstring)."""
     cfg = model.config
     B, K = visual.shape[0], num_beams
     N = B * K
     device = visual.device
-    state = DecoderState(model, visual, use_cache, num_beams=K, kernels=kernels)  # N = B*K rows
+    state = DecoderState(model, visual, use_cache, num_beams=K, kernels=kernels,  # N = B*K rows
+                         no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
     beam_scores = torch.zeros(B, K, device=device)
     beam_scores[:, 1:] = float("-inf")  # the first step expands beam 0 only
     beam_scores = beam_scores.view(N)
+    model_scores = torch.zeros(N, device=device)  # the model's own summed log-probs of each beam
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     alpha_history = torch.zeros(N, 0, visual.shape[1], device=device)  # (N, t, P)
@@ -132,15 +187,18 @@ def beam_search(model: CaptionerModel, visual: torch.Tensor, num_beams: int, max
         logprobs, alpha = state.step()  # (N, V), (N, P)
         V = logprobs.shape[-1]
         # A finished beam can only be extended by [PAD], at no cost and without growing.
-        logprobs = torch.where(finished[:, None], _pad_only_row(V, cfg.pad_token_id, device), logprobs)
+        pad_only = _pad_only_row(V, cfg.pad_token_id, device)
+        logprobs = torch.where(finished[:, None], pad_only, logprobs)
+        scores = torch.where(finished[:, None], pad_only, state.search_scores(logprobs))  # (N, V)
         new_lengths = lengths + (~finished).long()  # (N,)
-        candidates = beam_scores[:, None] + logprobs  # (N, V) summed log-probs
+        candidates = beam_scores[:, None] + scores  # (N, V) summed search scores
         normalised = candidates / new_lengths[:, None].clamp(min=1).float() ** length_penalty
         top_scores, top_index = normalised.view(B, K * V).topk(K, dim=1)  # (B, K)
         source_beam = top_index // V  # (B, K) which beam each survivor extends
         tokens = (top_index % V).view(N)  # (N,)
         rows = (batch_offset + source_beam).view(N)  # (N,) global row of the extended beam
         beam_scores = candidates.view(B, K * V).gather(1, top_index).view(N)
+        model_scores = model_scores[rows] + logprobs[rows, tokens]
         lengths = new_lengths[rows]
         finished = finished[rows] | (tokens == cfg.eos_token_id)
         alpha_history = torch.cat([alpha_history[rows], alpha[rows][:, None]], dim=1)  # (N, t+1, P)
@@ -150,7 +208,7 @@ def beam_search(model: CaptionerModel, visual: torch.Tensor, num_beams: int, max
             break
     final = (beam_scores / lengths.clamp(min=1).float() ** length_penalty).view(B, K)
     best = (batch_offset[:, 0] + final.argmax(dim=1))  # (B,)
-    return state.input_ids[best, 1:], alpha_history[best], beam_scores[best], lengths[best]
+    return state.input_ids[best, 1:], alpha_history[best], model_scores[best], lengths[best]
 
 
 def _pad_only_row(V: int, pad_token_id: int, device) -> torch.Tensor:
@@ -198,14 +256,19 @@ def to_caption(model: CaptionerModel, token_ids: torch.Tensor, attention: torch.
 
 
 def generate(model: CaptionerModel, pixel_values: torch.Tensor, num_beams: int = 3, max_length: int = 30,
-             length_penalty: float = 1.0, use_cache: bool = True, kernels: StepKernels | None = None) -> list[Caption]:
-    """Encode and decode a batch of preprocessed images (B, 3, S, S) -> one Caption per image."""
+             length_penalty: float = 1.0, use_cache: bool = True, kernels: StepKernels | None = None,
+             no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+             repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> list[Caption]:
+    """Encode and decode a batch of preprocessed images (B, 3, S, S) -> one Caption per image.
+    no_repeat_ngram_size (0 = off) and repetition_penalty (1.0 = off): see the module docstring."""
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: load it with from_pretrained or build it with from_backbones")
     if not 1 <= int(num_beams) <= 16:
         raise ValueError(f"num_beams must be between 1 and 16, got {num_beams}")
     if not 1 <= int(max_length) <= model.config.max_position_embeddings - 1:
         raise ValueError(f"max_length must be between 1 and {model.config.max_position_embeddings - 1}, got {max_length}")
+    check_repetition_control(no_repeat_ngram_size, repetition_penalty)
+    control = dict(no_repeat_ngram_size=int(no_repeat_ngram_size), repetition_penalty=float(repetition_penalty))
     was_training = model.training
     if was_training:  # eval()/train() walk every module: only when needed
         model.eval()
@@ -213,13 +276,25 @@ def generate(model: CaptionerModel, pixel_values: torch.Tensor, num_beams: int =
         with torch.inference_mode():
             visual = model.encode(pixel_values)  # (B, P, D)
             if num_beams == 1:
-                ids, alphas, sums, lengths = greedy_search(model, visual, max_length, use_cache, kernels)
+                ids, alphas, sums, lengths = greedy_search(model, visual, max_length, use_cache, kernels, **control)
             else:
                 ids, alphas, sums, lengths = beam_search(model, visual, num_beams, max_length, length_penalty,
-                                                         use_cache, kernels)
+                                                         use_cache, kernels, **control)
             if model.config.grounded_heatmaps:
                 alphas = model.decoder.ground_attention(alphas, visual, ids)  # (B, L, P)
         return [to_caption(model, ids[i], alphas[i], sums[i].item(), lengths[i].item()) for i in range(len(ids))]
     finally:
         if was_training:
             model.train()
+
+
+def check_repetition_control(no_repeat_ngram_size: int, repetition_penalty: float) -> None:
+    """ValueError unless no_repeat_ngram_size is a whole number >= 0 and repetition_penalty a finite number > 0."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+
+    n = no_repeat_ngram_size
+    if not (number(n) and n >= 0 and int(n) == n):
+        raise ValueError(f"no_repeat_ngram_size must be a whole number >= 0 (0 = off), got {no_repeat_ngram_size!r}")
+    if not (number(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
