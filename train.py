@@ -2,6 +2,7 @@
 
     python train.py --preset shapes --output-dir checkpoints/shapes          # CPU, minutes
     python train.py --preset flickr8k --output-dir checkpoints/flickr8k      # GPU; also `accelerate launch train.py`
+    python train.py --preset flickr8k-small --source my_images/               # images + metadata.csv (imagefolder)
     python train.py --eval-only --model checkpoints/shapes/best --preset shapes --split test
 
 Every preset field can be overridden on the command line (`--epochs 3 --batch-size 16 ...`); the resolved
@@ -19,7 +20,7 @@ from caption_model.training import train_preset  # noqa: F401  (app.py's first r
 from caption_model.training.config import PRESETS, TrainConfig, preset_config
 from caption_model.training.loop import train
 
-LIST_FIELDS = ("shapes_sizes", "encoder_trainable")  # given as A,B,...
+LIST_FIELDS = ("shapes_sizes", "encoder_trainable", "caption_columns")  # given as A,B,...
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:

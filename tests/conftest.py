@@ -83,3 +83,7 @@ def shapes_images(count: int, seed: int) -> list:
 @pytest.fixture
 def shapes_image():
     return generate_shapes_example(np.random.default_rng(7)).image
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (`pytest -m gpu`); skipped with the reason elsewhere")

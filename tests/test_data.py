@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, DatasetDict, Features, Image, Value
+from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from caption_model.training import data, sources
@@ -159,8 +161,87 @@ def test_hub_id_goes_through_datasets_load_dataset(monkeypatch):
 
 def test_unknown_local_layout_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
-    with pytest.raises(ValueError, match="expected a Kaggle layout"):
+    with pytest.raises(ValueError, match="expected an imagefolder .* Kaggle layout"):
         load_caption_dataset(tmp_path)
+
+
+# ------------------------------------------------------------------------------ imagefolder, named columns
+
+
+def write_imagefolder(root, metadata: str = "csv") -> None:
+    """images (two in a subfolder) + metadata.csv (one `caption` column) or metadata.jsonl (`caption_0..4`)."""
+    names = [n if i % 8 else f"sub/{n}" for i, n in enumerate(image_names())]
+    for name, payload_name in zip(names, image_names()):
+        write_images((root / name).parent, [payload_name])
+        (root / name).parent.joinpath(payload_name).rename(root / name)
+    if metadata == "csv":
+        with open(root / "metadata.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file_name", "caption", "photographer"])
+            writer.writerows([name, captions_for(Path(name).name)[2], "ann"] for name in names)
+    else:
+        rows = [{"file_name": name, **{f"caption_{k}": c for k, c in enumerate(captions_for(Path(name).name))}}
+                for name in names]
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_imagefolder_with_metadata_csv(tmp_path):
+    write_imagefolder(tmp_path / "photos", "csv")
+    dd, report = load_caption_dataset(tmp_path / "photos", cache_dir=str(tmp_path / "cache"), return_report=True)
+    assert sources.source_kind(tmp_path / "photos") == "imagefolder"
+    assert report.unreadable_ids == [CORRUPT] and report.empty_captions == 1  # img_05's only caption is blank
+    ids = sorted(i for split in dd.values() for i in split["image_id"])
+    assert len(ids) == N_IMAGES - 2 and "sub/img_08.jpg" in ids  # path inside the folder: no name clashes
+    row = next(r for split in dd.values() for r in split if r["image_id"] == "img_01.jpg")
+    assert row["captions"] == ["a dog number 01 runs 2"] and row["image"].size == (24, 16)
+
+
+def test_imagefolder_with_metadata_jsonl_and_numbered_caption_columns(tmp_path):
+    write_imagefolder(tmp_path / "photos", "jsonl")
+    dd, report = load_caption_dataset(tmp_path / "photos", cache_dir=str(tmp_path / "cache"), return_report=True)
+    assert_bad_records_counted(dd, report)
+    picked = load_caption_dataset(tmp_path / "photos", cache_dir=str(tmp_path / "cache"),
+                                  caption_columns=["caption_4"])
+    assert all(len(r["captions"]) == 1 for split in picked.values() for r in split)
+
+
+def named_columns_dataset(names) -> Dataset:
+    """Custom names: image bytes in `photo`, captions in `short` (text) and `more` (a list of text)."""
+    caps = [captions_for(n) for n in names]
+    return Dataset.from_dict(
+        {"photo": [{"bytes": jpeg_bytes(i), "path": n} for i, n in enumerate(names)], "short": [c[0] for c in caps],
+         "more": [c[1:] for c in caps], "text": ["unused"] * len(names)},
+        features=Features(photo=Image(), short=Value("string"), more=List(Value("string")), text=Value("string")))
+
+
+def test_parquet_with_custom_column_names(tmp_path):
+    named_columns_dataset(image_names()).to_parquet(str(tmp_path / "train.parquet"))
+    dd = load_caption_dataset(tmp_path / "train.parquet", cache_dir=str(tmp_path / "cache"), image_column="photo",
+                              caption_columns=["short", "more"])
+    row = next(r for split in dd.values() for r in split if r["image_id"] == "img_00.jpg")
+    assert row["captions"] == [clean_caption(c) for c in captions_for("img_00.jpg")]
+    assert set(dd["train"].column_names) == {"image", "captions", "image_id"}
+    # Without --caption-columns the `text` column is found by name.
+    found = load_caption_dataset(tmp_path / "train.parquet", cache_dir=str(tmp_path / "cache"), image_column="photo")
+    assert found["test"][0]["captions"] == ["unused"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"image_column": "photo", "caption_columns": ["short", "long"]},
+     r"--caption-columns: expected columns \['long'\] in the data, got columns \['photo', 'short', 'more', 'text'\]"),
+    ({"image_column": "picture"}, r"--image-column: expected a column 'picture', got columns \['photo', "),
+    ({}, r"expected an `image` column \(or name it with --image-column\), got columns \['photo', "),
+])
+def test_missing_named_column_names_the_columns_found(tmp_path, kwargs, message):
+    named_columns_dataset(image_names(4)).to_parquet(str(tmp_path / "train.parquet"))
+    with pytest.raises(ValueError, match=message):
+        load_caption_dataset(tmp_path / "train.parquet", cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_no_caption_column_found_says_how_to_name_them():
+    with pytest.raises(ValueError, match=r"expected caption columns .* got columns \['image', 'label'\]; name "
+                                         r"them with --caption-columns"):
+        sources.find_caption_columns(["image", "label"])
 
 
 # ------------------------------------------------------------------------------------------ splits, cleaning

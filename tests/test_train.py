@@ -11,10 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import numpy as np
+
 import train
 from caption_model import ImageCaptioner
+from caption_model.hub.card import build_model_card
 from caption_model.training import loop
 from caption_model.training.checkpointing import load_training_state, to_json, write_folder_atomically
+from caption_model.training.data import load_training_data
+from caption_model.training.shapes import generate_shapes_example
 
 TINY = [
     "--preset", "shapes", "--shapes-sizes", "24,6,6", "--image-size", "64", "--encoder-stage", "layer2",
@@ -140,6 +145,19 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, capsys):
     assert "non-finite loss" in capsys.readouterr().err
 
 
+def test_bf16_mixed_precision_after_an_fp32_run_in_the_same_process(tmp_path):
+    run(tmp_path, "fp32", "--max-steps", "1")
+    output = run(tmp_path, "bf16", "--max-steps", "2", "--mixed-precision", "bf16")  # autocast on the CPU
+    assert len([r for r in read_log(output) if "loss" in r]) == 2
+    assert json.loads((output / "last" / "training_config.json").read_text())["mixed_precision"] == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_asking_for_a_missing_device_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--device cuda: expected that device to be available, Accelerate found cpu"):
+        run(tmp_path, "cuda", "--device", "cuda")
+
+
 def test_every_preset_field_can_be_overridden_from_the_command_line():
     cfg, _ = train.parse_args(["--preset", "flickr8k-small", "--epochs", "3", "--decoder", "none",
                                "--encoder-trainable", "layer4", "--feature-cache", "false", "--lr", "0.01"])
@@ -178,3 +196,83 @@ def test_checkpoint_folders_get_the_usual_modes(tmp_path, umask):
     assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no temp or .old folder left
+
+
+# ------------------------------------------------------------------------------------------ your own images
+
+
+@pytest.fixture(autouse=True)
+def own_datasets_cache(tmp_path, monkeypatch):
+    """`datasets` caches what it loads from local folders under tmp_path, not in the user's HF cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+
+
+def write_shapes_imagefolder(folder: Path, count: int, metadata: str) -> None:
+    """`count` shapes images + metadata.csv (`caption`) or metadata.jsonl (`short`, `long`, `other`)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    rows = []
+    for index in range(count):
+        example = generate_shapes_example(rng)
+        example.image.save(folder / f"photo_{index:02d}.png")
+        rows.append({"file_name": f"photo_{index:02d}.png", "caption": example.captions[0],
+                     "short": example.captions[1], "long": example.captions[2], "other": "not a caption"})
+    if metadata == "csv":
+        lines = ["file_name,caption"] + [f"{r['file_name']},{r['caption']}" for r in rows]
+        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    else:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_imagefolder_with_metadata_csv_trains_and_the_card_names_no_local_path(tmp_path):
+    folder = tmp_path / "my_photos"
+    write_shapes_imagefolder(folder, 16, "csv")
+    output = run(tmp_path, "run", "--source", str(folder), "--epochs", "1")  # Karpathy split: 12/2/2
+    recorded = json.loads((output / "best" / "training_config.json").read_text())
+    assert (recorded["source_kind"], recorded["num_train_images"]) == ("imagefolder", 12)
+    eval_section = strict_json((output / "metrics.json").read_text())["eval"]
+    assert (eval_section["source_kind"], eval_section["num_train_images"]) == ("imagefolder", 12)
+    assert "Bleu_4" in strict_json((output / "metrics.json").read_text())["test"]
+    text = str(build_model_card(output / "best", "alice/my-captioner"))
+    assert "local imagefolder, 12 images" in text
+    assert str(tmp_path) not in text and "my_photos" not in text and "jxie/flickr8k" not in text
+
+
+def test_imagefolder_with_metadata_jsonl_and_several_caption_columns_trains(tmp_path):
+    folder = tmp_path / "photos"
+    write_shapes_imagefolder(folder, 16, "jsonl")
+    args = ["--source", str(folder), "--caption-columns", "short,long"]
+    cfg, _ = train.parse_args(TINY + args)
+    assert cfg.caption_columns == ["short", "long"]
+    data = load_training_data(cfg)
+    assert {len(c) for split in data.values() for c in split["captions"]} == {2}  # `other` is not read
+    output = run(tmp_path, "run", *args, "--max-steps", "2")
+    assert [r["step"] for r in read_log(output) if "loss" in r] == [1, 2]
+    assert ImageCaptioner.from_pretrained(str(output / "best")).caption(folder / "photo_00.png", num_beams=1).words
+
+
+def test_too_few_images_for_three_splits_is_a_clear_error(tmp_path):
+    write_shapes_imagefolder(tmp_path / "two", 2, "csv")
+    cfg, _ = train.parse_args(TINY + ["--source", str(tmp_path / "two")])
+    with pytest.raises(ValueError, match=r"expected images in every split, got \{'train': 2, 'validation': 0, "
+                                         r"'test': 0\}; a source with one split needs at least 3"):
+        load_training_data(cfg)
+
+
+def test_parquet_with_custom_columns_from_the_command_line(tmp_path):
+    from datasets import Dataset, Features, Image, List, Value
+
+    rng = np.random.default_rng(2)
+    examples = [generate_shapes_example(rng) for _ in range(8)]
+    Dataset.from_dict({"jpg": [e.image for e in examples], "txt": [e.captions[:3] for e in examples]},
+                      features=Features(jpg=Image(), txt=List(Value("string")))).to_parquet(str(tmp_path / "d.parquet"))
+    cfg, _ = train.parse_args(TINY + ["--source", str(tmp_path / "d.parquet"), "--image-column", "jpg",
+                                      "--caption-columns", "txt"])
+    data = load_training_data(cfg)
+    assert sum(len(split) for split in data.values()) == 8 and len(data["test"][0]["captions"]) == 3
+    bad, _ = train.parse_args(TINY + ["--source", str(tmp_path / "d.parquet"), "--image-column", "jpg",
+                                      "--caption-columns", "txt,caption"])
+    with pytest.raises(ValueError, match=r"expected columns \['caption'\] in the data, got columns \['jpg', 'txt'\]"):
+        load_training_data(bad)

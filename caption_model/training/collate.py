@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from caption_model.config import IGNORE_INDEX
+from caption_model.processing import preprocess
 from caption_model.training.feature_cache import FeatureCache, decode_image
 
 
@@ -75,10 +76,11 @@ class CaptionCollator:
 
 def collator_for(model, cache: FeatureCache | None = None, *, max_length: int, seed: int = 0,
                  all_captions: bool = False) -> CaptionCollator:
-    """The collator of a training run: cached frozen features when a `cache` is given, else pixels."""
+    """The collator of a training run: cached frozen features when a `cache` is given, else pixels. Batches are
+    CPU tensors (DataLoader workers can make them); Accelerate moves them to the model's device."""
     if cache is not None:
         return CaptionCollator(model.tokenizer, max_length, cache.get, "image_features", all_captions, seed)
 
     def pixels(images: list) -> torch.Tensor:
-        return model.preprocess([decode_image(image) for image in images])  # (I, 3, S, S)
+        return preprocess([decode_image(image) for image in images], model.config)  # (I, 3, S, S)
     return CaptionCollator(model.tokenizer, max_length, pixels, "pixel_values", all_captions, seed)

@@ -11,7 +11,9 @@ from caption_model import CaptionerConfig
 @dataclass
 class TrainConfig:
     # --- data ---
-    source: str = "jxie/flickr8k"  # Hub dataset id, local folder/parquet, or "shapes"
+    source: str = "jxie/flickr8k"  # Hub dataset id, local imagefolder / Flickr8k folder / parquet, or "shapes"
+    image_column: str | None = None  # image column of a Hub/parquet dataset; None: "image"
+    caption_columns: list[str] = field(default_factory=list)  # text or list-of-text columns; []: found by name
     shapes_sizes: list[int] = field(default_factory=lambda: [3000, 200, 200])  # shapes train/val/test images
     max_train_images: int | None = None  # use only the first N training images (quick runs)
     max_eval_images: int | None = None  # evaluate on the first N images of a split
@@ -30,6 +32,7 @@ class TrainConfig:
     attention_dim: int = 512  # width of the additive attention of the fusion head
     dropout: float = 0.1  # decoder, attention and fusion dropout
     tokenizer_vocab_size: int = 8000  # WordPiece vocabulary trained on the captions (random decoder only)
+    tokenizer: str | None = None  # random decoder only: this tokenizer (Hub id or folder) instead of a new WordPiece
     # --- optimisation ---
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
@@ -49,6 +52,7 @@ class TrainConfig:
     feature_cache: bool = True  # cache the frozen encoder part's output on disk
     cache_dir: str | None = None  # default: <output_dir>/feature_cache
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    device: str | None = None  # cuda | mps | cpu; None: Accelerate's choice (the GPU when there is one)
     # --- evaluation, logging, checkpoints ---
     eval_beams: int = 3  # beam width when scoring validation/test
     eval_max_length: int = 30  # longest generated caption when scoring, in tokens

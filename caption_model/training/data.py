@@ -5,7 +5,8 @@ train/validation/test and one schema:
 
     image     datasets.Image()   (bytes or a local path; decodes to PIL)
     captions  list[str]          cleaned (lowercase, no punctuation, at most `max_words` words), never empty
-    image_id  str                file name for Flickr8k, "shapes-<split>-<n>" for shapes
+    image_id  str                an id column, else the image's file name (path inside an imagefolder),
+                                 "shapes-<split>-<n>" for shapes
     objects   list[{colour, shape, box}]   shapes only (ground truth for object F1 / pointing accuracy)
 
 Bad records never crash a run: an unreadable image (missing, corrupt, truncated, not an image) drops its record,
@@ -27,7 +28,7 @@ from datasets import Dataset, DatasetDict, Features, Image, List, Value, concate
 from PIL import Image as PILImage
 
 from caption_model.training.shapes import generate_shapes_example
-from caption_model.training.sources import SPLITS, load_source
+from caption_model.training.sources import SPLITS, Columns, load_source, source_kind
 
 if TYPE_CHECKING:
     from caption_model.training.config import TrainConfig
@@ -101,6 +102,8 @@ def _check_record(image: dict, captions: list, max_words: int | None, validate: 
 
 def _clean_split(ds: Dataset, max_words: int | None, report: LoadReport, validate_images: bool) -> Dataset:
     """Clean captions, drop unreadable images and empty captions (counted in `report`), decode images as PIL."""
+    if len(ds) == 0:  # a split too small to hold an image (a Karpathy split of 2 images)
+        return ds.cast_column("image", Image())
     ds = ds.cast_column("image", Image(decode=False))
     checks = ds.map(_check_record, input_columns=["image", "captions"], remove_columns=ds.column_names,
                     fn_kwargs={"max_words": max_words, "validate": validate_images}, num_proc=1,
@@ -166,19 +169,21 @@ def load_shapes_dataset(num_train: int = 2000, num_val: int = 200, num_test: int
                         for index, (name, size) in enumerate(sizes.items())})
 
 
-
 # ------------------------------------------------------------------------------------------- entry points
 
 
 def load_caption_dataset(source: str | Path = DEFAULT_SOURCE, split: str | None = None, *,
                          max_words: int | None = MAX_CAPTION_WORDS, seed: int = 0, cache_dir: str | None = None,
                          validate_images: bool = True, shapes_sizes: tuple[int, int, int] = (2000, 200, 200),
+                         image_column: str | None = None, caption_columns: list[str] | None = None,
                          return_report: bool = False):
     """Load captions from `source` as a DatasetDict train/validation/test (schema in the module docstring).
 
-    source: "shapes"; a local Kaggle-layout folder, original-layout folder, folder of parquet files or one
-      .parquet file; otherwise a Hub dataset id with the `jxie/flickr8k` schema (default).
+    source: "shapes"; a local imagefolder (images + metadata.csv/.jsonl), Kaggle-layout folder, original-layout
+      folder, folder of parquet files or one .parquet file; otherwise a Hub dataset id (default `jxie/flickr8k`).
     split: None for all three splits, or one split name to get that `Dataset` only.
+    image_column, caption_columns: the columns of a Hub/parquet/imagefolder dataset (default: `image`, and the
+      caption columns found by `sources.find_caption_columns`).
     seed: Karpathy-style split seed (sources without split files) and shapes generator seed.
     return_report: also return the `LoadReport` of skipped records, as `(data, report)`.
     """
@@ -188,7 +193,7 @@ def load_caption_dataset(source: str | Path = DEFAULT_SOURCE, split: str | None 
         data, report = load_shapes_dataset(*shapes_sizes, seed=seed), LoadReport()
         report.kept = {name: len(ds) for name, ds in data.items()}
     else:
-        splits = load_source(source, seed, cache_dir)
+        splits = load_source(source, seed, cache_dir, Columns(image_column, tuple(caption_columns or ())))
         data, report = _finish(splits, max_words, validate_images, str(source))
     result = data if split is None else data[split]
     return (result, report) if return_report else result
@@ -198,9 +203,18 @@ def load_training_data(cfg: TrainConfig, split: str | None = None):
     """`cfg`'s data (all splits, or one) with images left undecoded ({bytes, path}) so the feature cache can key
     them by content; `max_train_images` cuts the train split."""
     data, report = load_caption_dataset(cfg.source, split, max_words=cfg.max_caption_words, seed=cfg.seed,
-                                        shapes_sizes=tuple(cfg.shapes_sizes), return_report=True)
+                                        shapes_sizes=tuple(cfg.shapes_sizes), image_column=cfg.image_column,
+                                        caption_columns=cfg.caption_columns, return_report=True)
     logger.info("data: %s", report.summary())
+    if split is None and not all(len(data[name]) for name in SPLITS):
+        raise ValueError(f"{cfg.source}: expected images in every split, got {report.kept}; a source with one split "
+                         f"needs at least 3 readable, captioned images")
     data = data.cast_column("image", Image(decode=False))
     if split is None and cfg.max_train_images:
         data["train"] = data["train"].select(range(min(cfg.max_train_images, len(data["train"]))))
     return data
+
+
+def describe_data(cfg: TrainConfig, data: DatasetDict) -> dict:
+    """What a checkpoint records about its data (the model card reads it): source_kind, num_train_images."""
+    return {"source_kind": source_kind(cfg.source), "num_train_images": len(data["train"])}

@@ -25,7 +25,7 @@ from caption_model.training.checkpointing import (load_training_state, recover_c
                                                   to_json)
 from caption_model.training.collate import CaptionCollator, collator_for
 from caption_model.training.config import TrainConfig, model_config
-from caption_model.training.data import load_training_data
+from caption_model.training.data import describe_data, load_training_data
 from caption_model.training.evaluation import evaluate, selection_metric
 from caption_model.training.feature_cache import FeatureCache
 from caption_model.training.plots import plot_loss_curve, plot_samples
@@ -41,7 +41,11 @@ VALIDATION_METRICS_FILE = "validation_metrics.json"  # inside best/: the validat
 def build_model(cfg: TrainConfig, train_captions: list[str]) -> ImageCaptioner:
     """A new model: pretrained backbones where the config names them, else random + a WordPiece vocabulary."""
     tokenizer = None
-    if cfg.decoder is None:
+    if cfg.decoder is None and cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    elif cfg.decoder is None:
         from caption_model.training.tokenization import train_wordpiece_tokenizer
 
         tokenizer = train_wordpiece_tokenizer(train_captions, vocab_size=cfg.tokenizer_vocab_size)
@@ -87,6 +91,7 @@ class Run:
     collate: CaptionCollator
     cache: FeatureCache | None
     total_steps: int
+    data_info: dict  # source_kind, num_train_images: recorded in training_config.json and metrics.json
     # Saved in last/ for --resume: optimizer steps done, epoch and batches done in it, best validation score.
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batches_done": 0, "best_name": None,
                                                  "best_score": None})
@@ -107,7 +112,8 @@ class Run:
             self.accelerator.log(numbers, step=record.get("step"))
 
     def save(self, name: str, **kwargs) -> None:
-        save_checkpoint(self.output / name, self.raw_model, dataclasses.asdict(self.cfg), **kwargs)
+        training_config = {**dataclasses.asdict(self.cfg), **self.data_info}
+        save_checkpoint(self.output / name, self.raw_model, training_config, **kwargs)
 
     def save_last(self) -> None:
         if self.accelerator.is_main_process:
@@ -116,11 +122,21 @@ class Run:
 
 def _accelerator(cfg: TrainConfig, output: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import set_seed
 
+    if cfg.device not in (None, "cuda", "mps", "cpu"):
+        raise ValueError(f"expected device cuda, mps, cpu or None, got {cfg.device!r}")
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # Accelerate keeps one global state per process; a later run in the same process (tests, benchmarks, the
+        # app's first run) may want another precision or device.
+        AcceleratorState._reset_state(reset_partial_state=True)
     trackers = [cfg.report_to] if cfg.report_to else None
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=str(output),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.device == "cpu")
+    if cfg.device and accelerator.device.type != cfg.device:
+        raise ValueError(f"--device {cfg.device}: expected that device to be available, Accelerate found "
+                         f"{accelerator.device}")
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -162,12 +178,15 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     cache = None
     if cfg.feature_cache and model.encoder.num_frozen_stages > 0:
         cache = FeatureCache(cfg.cache_dir or output / "feature_cache", model)
+        if cfg.num_workers and accelerator.device.type != "cpu":
+            logger.warning("num_workers=%d ignored: the feature cache runs the encoder on %s inside the collator, "
+                           "which DataLoader worker processes cannot do", cfg.num_workers, accelerator.device)
     collate = collator_for(model, cache, max_length=cfg.max_caption_words + 2, seed=cfg.seed,
                            all_captions=cfg.all_captions)
     optimizer, scheduler, total_steps = _optimizer(cfg, model, len(data["train"]), accelerator.num_processes)
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run = Run(cfg, output, accelerator, data, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler,
-              collate, cache, total_steps)
+              collate, cache, total_steps, describe_data(cfg, data))
     if resume:
         run.state.update(load_training_state(last, optimizer, scheduler))
         logger.info("resuming from %s at step %d (epoch %d)", last, run.state["step"], run.state["epoch"])
@@ -182,8 +201,10 @@ def _epoch_loader(run: Run, epoch: int, skip: int):
     train = run.data["train"]
     order = np.random.default_rng([run.cfg.seed, epoch]).permutation(len(train))
     run.collate.set_epoch(epoch)
+    device = run.accelerator.device.type
+    workers = 0 if run.cache is not None and device != "cpu" else run.cfg.num_workers  # see setup
     loader = torch.utils.data.DataLoader(train.select(order), batch_size=run.cfg.batch_size, shuffle=False,
-                                         collate_fn=run.collate, num_workers=run.cfg.num_workers)
+                                         collate_fn=run.collate, num_workers=workers, pin_memory=device == "cuda")
     loader = run.accelerator.prepare_data_loader(loader)
     return run.accelerator.skip_first_batches(loader, skip) if skip else loader
 
@@ -269,11 +290,11 @@ def end_epoch(run: Run, epoch: int) -> None:
 def finish(run: Run) -> dict:
     """Evaluate best/ on validation and test -> metrics.json (also in best/); the loss curve and sample heatmaps."""
     output, cfg, data = run.output, run.cfg, run.data
-    best = ImageCaptioner.from_pretrained(str(output / "best"))
+    best = ImageCaptioner.from_pretrained(str(output / "best")).to(run.accelerator.device)
     metrics = {"validation": evaluate(best, data["validation"], cfg, desc="validation"),
                "test": evaluate(best, data["test"], cfg, desc="test"),
                "eval": {"num_beams": cfg.eval_beams, "max_length": cfg.eval_max_length,
-                        "max_eval_images": cfg.max_eval_images, "source": cfg.source}}
+                        "max_eval_images": cfg.max_eval_images, "source": cfg.source, **run.data_info}}
     (output / METRICS_FILE).write_text(to_json(metrics))
     plot_loss_curve(output / LOG_FILE, output / LOSS_CURVE_FILE)
     plot_samples(best, data["test"], output / SAMPLES_FILE)

@@ -1,10 +1,11 @@
-"""Where caption records come from: Hub/parquet datasets, local Flickr8k folders, and their splits.
+"""Where caption records come from: Hub/parquet datasets, imagefolders, local Flickr8k folders, and their splits.
 
 `load_source` returns raw splits (image undecoded, captions as found, image_id); `data.load_caption_dataset`
-cleans them. Layouts: a Hub dataset id or parquet files with the `jxie/flickr8k` schema (`image`,
-`caption_0`..`caption_N`, or `captions` / `caption`), the Kaggle folder (`Images/` + `captions.txt`) and the original
-folder (`Flickr8k.token.txt` + an image folder + optional `Flickr_8k.*Images.txt` split files). Sources without
-splits are split Karpathy-style.
+cleans them. Layouts (`source_kind` names them): a Hub dataset id ("hub") or parquet files ("parquet") with an image
+column and caption columns (named, or found: `captions`, `caption_0`..`caption_N`, `caption`, `text`), a `datasets`
+imagefolder ("imagefolder": images + `metadata.csv` / `metadata.jsonl` with `file_name` and caption columns), the
+Kaggle folder (`Images/` + `captions.txt`) and the original folder (`Flickr8k.token.txt` + an image folder + optional
+`Flickr_8k.*Images.txt` split files), both "flickr8k". Sources without splits are split Karpathy-style.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,16 @@ _ORIGINAL_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
 _SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "validation": "Flickr_8k.devImages.txt",
                 "test": "Flickr_8k.testImages.txt"}
 _KAGGLE_CAPTIONS = "captions.txt"
+_METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # datasets imagefolder convention
+_ID_COLUMNS = ("image_id", "filename", "file_name", "image_name")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a Hub/parquet/imagefolder dataset hold the image and the captions."""
+
+    image: str | None = None  # None: "image"
+    captions: tuple[str, ...] = ()  # each holds one caption or a list of them; (): found by name
 
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -70,46 +82,82 @@ def _split_by_ids(ds: Dataset, seed: int) -> dict[str, Dataset]:
             for name in SPLITS}
 
 
-# ------------------------------------------------------------------------------ Hub / parquet (jxie schema)
+# ----------------------------------------------------------------------------- Hub / parquet / imagefolder
 
 
-def _normalise_columns(ds: Dataset, split: str) -> Dataset:
-    """Map a Hub/parquet schema (`image`, `caption_0`.. or `captions`/`caption`) onto image/captions/image_id."""
-    if "image" not in ds.column_names:
-        raise ValueError(f"expected an `image` column, got columns {ds.column_names}")
-    numbered = sorted((c for c in ds.column_names if re.fullmatch(r"caption_\d+", c)), key=lambda c: int(c[8:]))
-    if "captions" in ds.column_names:
-        caption_of = lambda row: list(row["captions"] or [])  # noqa: E731
-    elif numbered:
-        caption_of = lambda row: [row[c] for c in numbered]  # noqa: E731
-    elif "caption" in ds.column_names:
-        caption_of = lambda row: [row["caption"]]  # noqa: E731
-    else:
-        raise ValueError(f"expected caption columns `caption_0`..`caption_N`, `captions` or `caption`, "
-                         f"got {ds.column_names}")
-    id_column = next((c for c in ("image_id", "filename", "file_name", "image_name") if c in ds.column_names), None)
-    ds = ds.cast_column("image", Image(decode=False))
+def find_caption_columns(column_names: Sequence[str]) -> list[str]:
+    """Caption columns by convention: `captions` (a list), else `caption_0`..`caption_N`, `caption`, `text`."""
+    numbered = sorted((c for c in column_names if re.fullmatch(r"caption_\d+", c)), key=lambda c: int(c[8:]))
+    for found in (["captions"], numbered, ["caption"], ["text"]):
+        if found and all(c in column_names for c in found):
+            return found
+    raise ValueError(f"expected caption columns `captions`, `caption_0`..`caption_N`, `caption` or `text`, got "
+                     f"columns {list(column_names)}; name them with --caption-columns A,B,...")
+
+
+def _select_columns(ds: Dataset, columns: Columns) -> tuple[str, list[str]]:
+    """(image column, caption columns) of `ds`; a clear error naming the columns found when one is missing."""
+    names = ds.column_names
+    image = columns.image or "image"
+    if image not in names:
+        raise ValueError(f"--image-column: expected a column {image!r}, got columns {names}" if columns.image else
+                         f"expected an `image` column (or name it with --image-column), got columns {names}")
+    captions = list(columns.captions) or find_caption_columns(names)
+    missing = [c for c in captions if c not in names]
+    if missing:
+        raise ValueError(f"--caption-columns: expected columns {missing} in the data, got columns {names}")
+    return image, captions
+
+
+def _caption_list(row: dict, caption_columns: list[str]) -> list[str | None]:
+    """The captions of a row: string columns and list columns flattened in order (None kept: counted later)."""
+    found: list[str | None] = []
+    for column in caption_columns:
+        value = row[column]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found += [v if v is None or isinstance(v, str) else str(v) for v in values]
+    return found
+
+
+def _normalise_columns(ds: Dataset, split: str, columns: Columns = Columns(), root: Path | None = None) -> Dataset:
+    """Map a Hub/parquet/imagefolder schema onto image/captions/image_id. image_id: an id column, else the image
+    file's path (relative to `root`), else `<split>-<row>`."""
+    image_column, caption_columns = _select_columns(ds, columns)
+    id_column = next((c for c in _ID_COLUMNS if c in ds.column_names and c != image_column), None)
+    ds = ds.cast_column(image_column, Image(decode=False))
+
+    def image_id(row, index) -> str:
+        path = row[image_column].get("path") if isinstance(row[image_column], dict) else None
+        if id_column:
+            return str(row[id_column])
+        if path and root is not None and Path(path).is_relative_to(root):
+            return Path(path).relative_to(root).as_posix()
+        return Path(path).name if path else f"{split}-{index:06d}"
 
     def normalise(row, index):
-        path = row["image"].get("path") if isinstance(row["image"], dict) else None
-        image_id = row[id_column] if id_column else (Path(path).name if path else f"{split}-{index:06d}")
-        return {"captions": caption_of(row), "image_id": str(image_id)}
+        return {"captions": _caption_list(row, caption_columns), "image_id": image_id(row, index)}
 
     # Only the small columns are written; the image column is kept as it is (no copy of the image bytes).
     meta = ds.map(normalise, with_indices=True, remove_columns=ds.column_names,
                   features=Features(captions=List(Value("string")), image_id=Value("string")),
                   desc=f"normalising {split}")
-    return concatenate_datasets([ds.select_columns(["image"]), meta], axis=1)
+    images = ds.select_columns([image_column]).rename_column(image_column, "image") if image_column != "image" \
+        else ds.select_columns(["image"])
+    return concatenate_datasets([images, meta], axis=1)
 
 
-def _canonical_splits(raw: DatasetDict, seed: int, source: str) -> dict[str, Dataset]:
+def _canonical_splits(raw: DatasetDict, seed: int, source: str, columns: Columns = Columns(),
+                      root: Path | None = None) -> dict[str, Dataset]:
     """Rename split aliases (val, dev, ...); split Karpathy-style when only one split exists."""
     splits: dict[str, Dataset] = {}
     for name, ds in raw.items():
         canonical = _SPLIT_ALIASES.get(str(name).lower())
         if canonical is None:
             raise ValueError(f"{source}: unknown split {name!r}; expected one of {sorted(_SPLIT_ALIASES)}")
-        splits[canonical] = _normalise_columns(ds, canonical)
+        try:
+            splits[canonical] = _normalise_columns(ds, canonical, columns, root)
+        except ValueError as error:
+            raise ValueError(f"{source} ({name} split): {error}") from None
     if set(splits) == set(SPLITS):
         return splits
     if len(splits) == 1:
@@ -226,31 +274,67 @@ def _load_original(folder: Path, seed: int) -> dict[str, Dataset]:
     return _split_folder_dataset(ds, folder, seed)
 
 
-def _load_local(path: Path, seed: int, cache_dir: str | None) -> dict[str, Dataset]:
-    """Pick the layout of a local folder or parquet file."""
+def _has_metadata(folder: Path) -> bool:
+    """An imagefolder: metadata.csv / metadata.jsonl in the folder or in its split folders."""
+    return any(next(folder.rglob(name), None) is not None for name in _METADATA_FILES)
+
+
+def local_layout(path: Path) -> str:
+    """parquet | imagefolder | kaggle | original for an existing local path; ValueError for anything else."""
     if path.is_file():
         if path.suffix != ".parquet":
             raise ValueError(f"{path}: expected a folder or a .parquet file, got a {path.suffix or 'plain'} file")
-        split = _parquet_split(Path(path.name)) or "train"
-        return _canonical_splits(_load_parquet({split: [str(path)]}, cache_dir),
-                                 seed, str(path))
+        return "parquet"
     if (path / _KAGGLE_CAPTIONS).is_file() and (path / "Images").is_dir():
-        return _load_kaggle(path, seed)
+        return "kaggle"
     if _find(path, _TOKEN_FILE):
+        return "original"
+    if _parquet_data_files(path):
+        return "parquet"
+    if _has_metadata(path):
+        return "imagefolder"
+    raise ValueError(f"{path}: expected an imagefolder (images + metadata.csv or metadata.jsonl), parquet files, a "
+                     f"Kaggle layout (Images/ + captions.txt) or an original layout ({_TOKEN_FILE} + image folder); "
+                     f"found none")
+
+
+def source_kind(source: str | Path) -> str:
+    """What the model card calls the data: shapes | hub | parquet | imagefolder | flickr8k (a local Flickr8k)."""
+    if str(source) == "shapes":
+        return "shapes"
+    path = Path(source).expanduser()
+    if not path.exists():
+        return "hub"
+    layout = local_layout(path)
+    return "flickr8k" if layout in ("kaggle", "original") else layout
+
+
+def _load_local(path: Path, seed: int, cache_dir: str | None, columns: Columns) -> dict[str, Dataset]:
+    """Load a local folder or parquet file by its layout."""
+    layout = local_layout(path)
+    if layout == "kaggle":
+        return _load_kaggle(path, seed)
+    if layout == "original":
         return _load_original(path, seed)
-    data_files = _parquet_data_files(path)
-    if data_files:
-        return _canonical_splits(_load_parquet(data_files, cache_dir), seed, str(path))
-    raise ValueError(f"{path}: expected a Kaggle layout (Images/ + captions.txt), an original layout "
-                     f"({_TOKEN_FILE} + image folder) or parquet files; found none")
+    if layout == "imagefolder":
+        root = path.resolve()  # the image paths datasets records start with it
+        raw = load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+        return _canonical_splits(raw, seed, str(path), columns, root=root)
+    files = {_parquet_split(Path(path.name)) or "train": [str(path)]} if path.is_file() else _parquet_data_files(path)
+    return _canonical_splits(_load_parquet(files, cache_dir), seed, str(path), columns)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def load_source(source: str | Path, seed: int, cache_dir: str | None) -> dict[str, Dataset]:
-    """Raw splits train/validation/test of a local folder or parquet file, else of a Hub dataset id."""
+def load_source(source: str | Path, seed: int, cache_dir: str | None,
+                columns: Columns = Columns()) -> dict[str, Dataset]:
+    """Raw splits train/validation/test of a local folder or parquet file, else of a Hub dataset id.
+    `columns` names the image and caption columns of Hub, parquet and imagefolder data (the Flickr8k layouts
+    have fixed ones)."""
     path = Path(source).expanduser()
     if path.exists():
-        return _load_local(path, seed, cache_dir)
-    return _canonical_splits(load_dataset(str(source), cache_dir=cache_dir), seed, str(source))
+        if (columns.image or columns.captions) and local_layout(path) in ("kaggle", "original"):
+            logger.warning("%s: a Flickr8k layout has fixed columns; --image-column/--caption-columns ignored", path)
+        return _load_local(path, seed, cache_dir, columns)
+    return _canonical_splits(load_dataset(str(source), cache_dir=cache_dir), seed, str(source), columns)
