@@ -27,7 +27,9 @@ from gradio_client.utils import decode_base64_to_binary
 from PIL import Image
 
 import serving
+from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
 from caption_model.heatmap import overlay
+from caption_model.processing import load_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODEL_CONCURRENCY = 1  # one forward at a time: torch already uses both vCPUs of a free Space
@@ -80,7 +82,9 @@ class CaptionUI:
         num_beams: int = 3,
         max_length: int = 30,
         length_penalty: float = 1.0,
-    ) -> tuple[str, dict[str, Any], Result]:
+        no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+    ) -> tuple[str, dict[str, Any]]:
         """Caption an image and give, for every word, a heatmap of where the model looked.
 
         Args:
@@ -89,6 +93,8 @@ class CaptionUI:
             num_beams: beams for beam search, 1 to 5.
             max_length: longest caption in tokens.
             length_penalty: beam search only; above 1 favours longer captions.
+            no_repeat_ngram_size: never repeat a run of this many words (0: off); stops loops.
+            repetition_penalty: above 1 makes words already written less likely (1: off).
 
         Returns:
             The caption, and JSON with "caption", "words", "score", "grid_size" [rows, cols], "image_size"
@@ -99,7 +105,8 @@ class CaptionUI:
             raise gr.Error("No image yet: upload one, paste it from the clipboard, use the webcam or pick an example.")
         beams = 1 if decoding == "greedy" else max(1, min(5, int(num_beams)))
         try:
-            picture, result = self.service.caption(source, beams, max_length, length_penalty)
+            picture, result = self.service.caption(source, beams, max_length, length_penalty,
+                                                   no_repeat_ngram_size, repetition_penalty)
         except ValueError as error:
             message = str(error)
             if isinstance(source, str):
@@ -107,11 +114,20 @@ class CaptionUI:
             raise gr.Error(f"That file can't be captioned: {message}", print_exception=False) from error
         if not result.words:
             gr.Warning("The model wrote no words for this image (try beam search or another image).")
-        display = picture.copy()
-        display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
         grid = tuple(self.service.captioner.grid_size)
-        state = Result(image=display, words=list(result.words), attention=serving.word_maps(result, grid))
-        return result.text, serving.caption_payload(result, grid, picture.size, self.service.model_id), state
+        return result.text, serving.caption_payload(result, grid, picture.size, self.service.model_id)
+
+    def stored_result(self, image: dict[str, Any] | str | None, data: dict[str, Any] | None) -> Result | None:
+        """What the views redraw from: a display copy of the image and the words and maps of `data` (the JSON the
+        caption step returned). Kept out of that step so that its API (and MCP tool) returns no session state."""
+        source, _ = uploaded_file(image)
+        if source is None or not data:
+            return None
+        display = load_image(source)
+        display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+        gh, gw = data["grid_size"]
+        attention = np.asarray(data["attention"], dtype=np.float32).reshape(len(data["words"]), gh, gw)
+        return Result(image=display, words=list(data["words"]), attention=attention)
 
     def overlay_for(self, state: Result | None, index: int | None, opacity: float) -> Image.Image | None:
         """The heatmap of word `index` over the image (None when there is nothing to show)."""
@@ -119,13 +135,15 @@ class CaptionUI:
             return None
         return overlay(state.image, state.attention[int(index)], alpha=float(opacity))
 
-    def show_result(self, state: Result | None, opacity: float) -> tuple[Any, Any, list[tuple[Image.Image, str]]]:
-        """After a run: the word picker, the default word's overlay and the gallery of every word."""
+    def show_result(self, image: dict[str, Any] | str | None, data: dict[str, Any] | None,
+                    opacity: float) -> tuple[Result | None, Any, Any, list[tuple[Image.Image, str]]]:
+        """After a run: the stored result, the word picker, the default word's overlay and every word's overlay."""
+        state = self.stored_result(image, data)
         if state is None:
-            return gr.Radio(choices=[], value=None), None, []
+            return None, gr.Radio(choices=[], value=None), None, []
         index = _default_word(state.words)
         picker = gr.Radio(choices=[(w, i) for i, w in enumerate(state.words)], value=index)
-        return picker, self.show_word(state, index, opacity), self.gallery(state, opacity)
+        return state, picker, self.show_word(state, index, opacity), self.gallery(state, opacity)
 
     def show_word(self, state: Result | None, index: int | None, opacity: float) -> Any:
         """Overlay of the chosen word, labelled with it."""
@@ -184,6 +202,10 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
                     length_penalty = gr.Slider(
                         0.0, 2.0, value=1.0, step=0.1, label="Length penalty (beam search; > 1 favours longer)"
                     )
+                    no_repeat = gr.Slider(0, 6, value=DEFAULT_NO_REPEAT_NGRAM_SIZE, step=1,
+                                          label="No repeated run of this many words (0: off)")
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=DEFAULT_REPETITION_PENALTY, step=0.05,
+                                                   label="Repetition penalty (> 1: words already written less likely)")
                 run = gr.Button("Caption", variant="primary", elem_id="run-button")
                 gr.Examples(
                     _examples(),
@@ -209,8 +231,11 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
         with gr.Accordion("Heatmap data (JSON, as returned by the /caption API)", open=False):
             data = gr.JSON(label="Caption data")
         state = gr.State(None, time_to_live=1800)
+        if service.training_data == "synthetic shapes":
+            gr.Markdown("This demo model was trained on synthetic coloured shapes only: a photo will be described in "
+                        "shape words (\"a red circle ...\"). Serve a Flickr8k model for photos.", elem_id="model-note")
         gr.Markdown(
-            f"Model: `{service.model_id}`"
+            f"Model: `{service.model_id}`, trained on {service.training_data}"
             + (" (int8 decoder)" if service.precision == "int8" else " (fp32)")
             + (f" · attention grid {grid[0]}×{grid[1]}" if grid else "")
             + " · API: `/caption` (gradio_client), `POST /predict`, `GET /health`",
@@ -222,13 +247,14 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
         )
         run.click(
             ui.caption,
-            inputs=[image, decoding, num_beams, max_length, length_penalty],
-            outputs=[caption, data, state],
+            inputs=[image, decoding, num_beams, max_length, length_penalty, no_repeat, repetition_penalty],
+            outputs=[caption, data],
             api_name="caption",
             concurrency_id="model",
             concurrency_limit=MODEL_CONCURRENCY,
             preprocess=False,
-        ).success(ui.show_result, inputs=[state, opacity], outputs=[words, heatmap, gallery], api_visibility="private")
+        ).success(ui.show_result, inputs=[image, data, opacity], outputs=[state, words, heatmap, gallery],
+                  preprocess=False, api_visibility="private")
         words.input(ui.show_word, inputs=[state, words, opacity], outputs=heatmap, api_visibility="private")
         opacity.release(
             ui.restyle, inputs=[state, words, opacity], outputs=[heatmap, gallery], api_visibility="private"
@@ -262,11 +288,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=_int_env("CAPTION_THREADS"),
                         help="CPU threads for inference (default $CAPTION_THREADS, else the CPUs this process may "
                              "use: its affinity capped by the container's CPU quota, not the host's core count)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
+                        default=os.environ.get("CAPTION_DEVICE", "auto"),
+                        help="where the model runs (default auto, $CAPTION_DEVICE: a GPU if there is one, half "
+                             "precision there; --precision int8 applies on the CPU only)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     try:
-        service = serving.start_service(args.model, int8=args.precision == "int8", threads=args.threads)
+        service = serving.start_service(args.model, int8=args.precision == "int8", threads=args.threads,
+                                        device=args.device)
     except serving.ModelLoadError as error:
         sys.exit(f"app.py: {error}")
     serving.serve(service, create_demo(service), args.host, args.port)

@@ -10,6 +10,7 @@ app.py builds the Blocks UI over a CaptionService; nothing here knows its layout
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -19,14 +20,18 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from caption_model import Caption, ImageCaptioner
+from caption_model.config import METRICS_FILE, TRAINING_CONFIG_FILE
 from caption_model.cpu.threads import set_inference_threads
+from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
+from caption_model.hub.card import describe_training_data, read_json
 from caption_model.processing import load_image
 
 ROOT = Path(__file__).resolve().parent
@@ -90,9 +95,23 @@ def resolve_model(model: str | None) -> str:
     return str(train_shapes_checkpoint(target.parent))
 
 
-def load_captioner(model: str, int8: bool = True) -> ImageCaptioner:
-    """Load `model` (a checkpoint folder or a Hub repo id) in eval mode, with the int8 decoder unless
-    `int8=False`; ModelLoadError says why not."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> cuda when there is a GPU, else mps (Apple silicon), else cpu; ModelLoadError for one that is absent."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device not in available:
+        raise ModelLoadError(f"--device must be auto, cpu, cuda or mps, got {device!r}")
+    if not available[device]:
+        raise ModelLoadError(f"--device {device}: no such device on this machine (torch sees none); use cpu or auto")
+    return torch.device(device)
+
+
+def load_captioner(model: str, int8: bool = True, device: str = "cpu") -> ImageCaptioner:
+    """Load `model` (a checkpoint folder or a Hub repo id) in eval mode on `device` ("auto": a GPU if there is
+    one): on the CPU with the int8 decoder unless `int8=False`; on a GPU in half precision (CaptionService
+    captions under autocast; the int8 mode is CPU-only). ModelLoadError says why not."""
+    target = resolve_device(device)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -115,7 +134,9 @@ def load_captioner(model: str, int8: bool = True) -> ImageCaptioner:
         )
         raise ModelLoadError(f"could not load model {model!r}: {type(error).__name__}: {error}. {where}") from error
     captioner.eval()
-    if int8:
+    if target.type != "cpu":
+        captioner.to(target)
+    elif int8:
         captioner.quantize_int8()  # int8 decoder: faster on CPU, same API
     return captioner
 
@@ -124,8 +145,15 @@ def warm_up(captioner: ImageCaptioner) -> None:
     """Caption a blank image greedily and with beams once, so that the first user does not pay for what a fresh
     process does once (oneDNN picks its convolution kernels, fbgemm its int8 paths)."""
     blank = Image.new("RGB", (captioner.config.image_size,) * 2, "white")
-    for num_beams in (1, 3):
-        captioner.caption(blank, num_beams=num_beams, max_length=3)
+    with half_precision_on_gpu(captioner):
+        for num_beams in (1, 3):
+            captioner.caption(blank, num_beams=num_beams, max_length=3)
+
+
+def half_precision_on_gpu(captioner: ImageCaptioner) -> contextlib.AbstractContextManager:
+    """fp16 autocast where the model is on a GPU (cuda, mps); nothing on the CPU."""
+    device = captioner.device.type
+    return torch.autocast(device, dtype=torch.float16) if device != "cpu" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,32 +167,53 @@ class CaptionService:
     def __init__(self, captioner: ImageCaptioner, model_id: str) -> None:
         self.captioner = captioner
         self.model_id = model_id
+        self.training_data = training_data_of(model_id)  # e.g. "synthetic shapes", "Flickr8k"
         self._lock = threading.Lock()
 
     @property
     def precision(self) -> str:
-        """"int8" (int8 decoder) or "fp32" (the weights as trained)."""
-        return "int8" if self.captioner.quantized else "fp32"
+        """"int8" (int8 decoder), "fp16" (autocast on a GPU) or "fp32" (the weights as trained)."""
+        if self.captioner.quantized:
+            return "int8"
+        return "fp16" if self.captioner.device.type != "cpu" else "fp32"
 
     @torch.inference_mode()
     def caption(
-        self, image: Any, num_beams: int = 1, max_length: int = 30, length_penalty: float = 1.0
+        self, image: Any, num_beams: int = 1, max_length: int = 30, length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     ) -> tuple[Image.Image, Caption]:
         """Load `image` (path, bytes, PIL) and caption it; ValueError (from load_image) for a bad file."""
         picture = load_image(image)
-        with self._lock:
+        with self._lock, half_precision_on_gpu(self.captioner):
             result = self.captioner.caption(
-                picture, num_beams=int(num_beams), max_length=int(max_length), length_penalty=float(length_penalty)
+                picture, num_beams=int(num_beams), max_length=int(max_length), length_penalty=float(length_penalty),
+                no_repeat_ngram_size=int(no_repeat_ngram_size), repetition_penalty=float(repetition_penalty),
             )
         return picture, result
 
 
-def start_service(model: str | None, int8: bool = True, threads: int | None = None) -> CaptionService:
-    """Set torch's CPU threads (`threads`, else the CPUs this process may use), resolve and load the model, warm
-    it up; ModelLoadError if there is no model to serve."""
+def training_data_of(model_id: str) -> str:
+    """What the model was trained on, as its checkpoint records it (training_config.json, metrics.json in the
+    folder or the local Hub cache): "synthetic shapes", "Flickr8k", "local imagefolder, 1234 images", ..."""
+    folder = Path(model_id).expanduser()
+
+    def record(name: str) -> dict:
+        try:
+            path = folder / name if folder.is_dir() else try_to_load_from_cache(model_id, name)
+            return read_json(Path(path)) if isinstance(path, (str, Path)) else {}
+        except (OSError, ValueError):  # not a Hub id, not in the cache, not valid JSON: nothing recorded
+            return {}
+
+    return describe_training_data(record(TRAINING_CONFIG_FILE), record(METRICS_FILE)).name
+
+
+def start_service(model: str | None, int8: bool = True, threads: int | None = None,
+                  device: str = "cpu") -> CaptionService:
+    """Set torch's CPU threads (`threads`, else the CPUs this process may use), resolve and load the model on
+    `device`, warm it up; ModelLoadError if there is no model to serve."""
     set_inference_threads(threads)
     model_id = resolve_model(model)
-    captioner = load_captioner(model_id, int8=int8)
+    captioner = load_captioner(model_id, int8=int8, device=device)
     warm_up(captioner)
     return CaptionService(captioner, model_id)
 
@@ -198,8 +247,11 @@ def _add_routes(app: FastAPI, service: CaptionService) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())[1:]))}: {e.get('msg')}" for e in error.errors())
         return JSONResponse(
-            {"error": "expected a multipart/form-data upload with a file field named 'image'"}, status_code=422
+            {"error": "expected a multipart/form-data upload with a file field named 'image' (optional fields "
+                      "no_repeat_ngram_size 0-10, repetition_penalty 1.0-3.0)" + (f"; got {problems}" if problems else "")},
+            status_code=422,
         )
 
     @app.get("/health")
@@ -209,8 +261,11 @@ def _add_routes(app: FastAPI, service: CaptionService) -> None:
                 "threads": torch.get_num_threads()}
 
     @app.post("/predict")
-    async def predict(image: UploadFile | None = File(None)) -> JSONResponse:
-        """Caption one image greedily: {"caption": str, "words": [str], "score": float, "model": str}."""
+    async def predict(image: UploadFile | None = File(None),
+                      no_repeat_ngram_size: int = Form(DEFAULT_NO_REPEAT_NGRAM_SIZE, ge=0, le=10),
+                      repetition_penalty: float = Form(DEFAULT_REPETITION_PENALTY, ge=1.0, le=3.0)) -> JSONResponse:
+        """Caption one image greedily: {"caption": str, "words": [str], "score": float, "model": str}.
+        Optional form fields: no_repeat_ngram_size (0 = off), repetition_penalty (1.0 = off)."""
         if image is None:
             return JSONResponse({"error": "missing the multipart file field 'image'"}, status_code=400)
         data = await image.read(MAX_UPLOAD_BYTES + 1)
@@ -221,7 +276,8 @@ def _add_routes(app: FastAPI, service: CaptionService) -> None:
         if not data:
             return JSONResponse({"error": "expected an image file, got an empty upload"}, status_code=400)
         try:  # file contents only: /predict never takes a name or a path
-            _, result = await run_in_threadpool(service.caption, data, 1)
+            _, result = await run_in_threadpool(service.caption, data, 1, 30, 1.0, no_repeat_ngram_size,
+                                                repetition_penalty)
         except ValueError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         return JSONResponse({"caption": result.text, "words": list(result.words), "score": float(result.score),
@@ -241,6 +297,7 @@ def create_app(service: CaptionService, demo: gr.Blocks) -> FastAPI:
         max_file_size=MAX_UPLOAD_BYTES,
         ssr_mode=False,
         show_error=False,  # gr.Error messages (ours) are shown; other exceptions' text (paths...) is not
+        mcp_server=True,  # the /caption endpoint as an MCP tool at /gradio_api/mcp/, described by its docstring
         theme=gr.themes.Default(primary_hue="orange"),
     )
     # Gradio refuses input paths it did not receive or cache only once the Blocks "has launched", which

@@ -44,7 +44,7 @@ def planted() -> Path:
 def call_caption(server: str, image_payload: dict) -> tuple[str, str]:
     """POST /gradio_api/call/caption then read its event stream -> (event kind, data line)."""
     started = httpx.post(server + "/gradio_api/call/caption",
-                         json={"data": [image_payload, "greedy", 1, 10, 1.0]}, timeout=60)
+                         json={"data": [image_payload, "greedy", 1, 10, 1.0, 3, 1.0]}, timeout=60)
     assert started.status_code == 200, started.text
     stream = httpx.get(f"{server}/gradio_api/call/caption/{started.json()['event_id']}", timeout=120).text
     lines = [line for line in stream.splitlines() if line.strip()]
