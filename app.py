@@ -35,7 +35,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODEL_CONCURRENCY = 1  # one forward at a time: torch already uses both vCPUs of a free Space
 QUEUE_MAX_SIZE = 64  # waiting requests beyond this get "queue full" instead of piling up
 DISPLAY_MAX_SIDE = 768  # overlays are drawn on a copy this size at most (a 50 MP photo stays fast)
-STOP_WORDS = frozenset("a an the of to and in on at with is are left right above below".split())
+# words never shown first: the first other word (a colour, an object...) is selected after a caption
+STOP_WORDS = frozenset("a an the of to and in on at with is are it its there this that left right above below "
+                       "two three single image shapes plain background".split())
 
 
 def uploaded_file(payload: dict[str, Any] | str | None) -> tuple[str | bytes | None, str]:
@@ -93,7 +95,7 @@ class CaptionUI:
             num_beams: beams for beam search, 1 to 5.
             max_length: longest caption in tokens.
             length_penalty: beam search only; above 1 favours longer captions.
-            no_repeat_ngram_size: never repeat a run of this many words (0: off); stops loops.
+            no_repeat_ngram_size: never repeat a run of this many tokens (0: off); stops loops.
             repetition_penalty: above 1 makes words already written less likely (1: off).
 
         Returns:
@@ -203,7 +205,7 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
                         0.0, 2.0, value=1.0, step=0.1, label="Length penalty (beam search; > 1 favours longer)"
                     )
                     no_repeat = gr.Slider(0, 6, value=DEFAULT_NO_REPEAT_NGRAM_SIZE, step=1,
-                                          label="No repeated run of this many words (0: off)")
+                                          label="Never repeat a run of this many tokens (0: off)")
                     repetition_penalty = gr.Slider(1.0, 2.0, value=DEFAULT_REPETITION_PENALTY, step=0.05,
                                                    label="Repetition penalty (> 1: words already written less likely)")
                 run = gr.Button("Caption", variant="primary", elem_id="run-button")

@@ -277,7 +277,7 @@ def main() -> None:
     for preset in presets:
         models[f"{preset}:ours"] = build_ours(preset)
         models[f"{preset}:ours_int8"] = build_ours(preset, int8=True)
-    encoder_dtype = str(models[f"{presets[0]}:ours_int8"].encoder.stem.conv1.weight.dtype).removeprefix("torch.")
+    encoder_dtype = str(models[f"{presets[0]}:ours_int8"].encoder.dtype).removeprefix("torch.")
     print(f"# models built in {time.perf_counter() - build_start:.0f} s; fast mode ResNet in {encoder_dtype}", flush=True)
 
     names = [f"{p}:{c}" for p in presets for c in ("ours", "ours_int8", "ours_nocache")] + ["all:hf"]

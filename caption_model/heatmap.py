@@ -25,12 +25,15 @@ def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def overlay(image: ImageInput, attention_map: np.ndarray, alpha: float = 0.5, colormap: str = "inferno") -> Image.Image:
     """Blend the colour-mapped `attention_map` (gh, gw) over `image`; returns an RGB PIL image of the image's size.
 
-    `alpha` is the heatmap opacity in [0, 1]; `colormap` any matplotlib colour map (perceptual by default).
+    `alpha` is the heatmap opacity in [0, 1] at the map's peak, fading with the map, so low-attention pixels keep
+    the photo's own colours; `colormap` any matplotlib colour map (perceptual by default).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha is the heatmap opacity and must be in [0, 1], got {alpha}")
     base = load_image(image)
-    heat = upsample(attention_map, base.size)  # (H, W)
+    heat = upsample(attention_map, base.size)  # (H, W) in [0, 1]
     colours = colormaps[colormap](heat)[..., :3]  # (H, W, 3) floats in [0, 1]
-    blended = (1.0 - alpha) * (np.asarray(base, dtype=np.float32) / 255.0) + alpha * colours
+    # the opacity follows the map: where the model did not look, the photo stays as it is (no grey veil)
+    weight = alpha * heat[..., None]  # (H, W, 1)
+    blended = (1.0 - weight) * (np.asarray(base, dtype=np.float32) / 255.0) + weight * colours
     return Image.fromarray(np.round(blended * 255.0).astype(np.uint8), "RGB")

@@ -286,6 +286,18 @@ def test_overlay_is_smooth_and_puts_the_peak_on_its_cell():
     assert 5 * W / gw <= x < 6 * W / gw and 2 * H / gh <= y < 3 * H / gh, (x, y)
 
 
+def test_overlay_leaves_low_attention_pixels_close_to_the_photo():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    attention = np.full((8, 8), 1e-4, dtype=np.float32)
+    attention[1, 6] = 1.0  # one cell looked at, top right
+    out = np.asarray(overlay(photo, attention, alpha=0.9), dtype=np.int16)
+    original = np.asarray(photo, dtype=np.int16)
+    far = (slice(60, 96), slice(0, 48))  # bottom left, far from the peak
+    assert np.abs(out[far] - original[far]).max() <= 3  # the photo itself, not greyed by the colour map
+    assert np.abs(out[12, 100] - original[12, 100]).sum() > 30  # the looked-at cell is coloured
+
+
 def test_overlay_rejects_bad_maps_and_alpha(shapes_image):
     good = np.full((4, 4), 1 / 16, dtype=np.float32)
     for bad in (np.ones(16), np.ones((2, 4, 4)), np.ones((1, 1, 4, 4))):
