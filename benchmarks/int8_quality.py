@@ -9,7 +9,6 @@ object F1 moves by <= 0.01 (pointing accuracy is reported too). Prints a table a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 from caption_model import ImageCaptioner  # noqa: E402
 from caption_model.training.metrics import shapes_scores  # noqa: E402
 from caption_model.training.shapes import generate_shapes_example  # noqa: E402
+from shapes_cli import shapes_checkpoint_parser  # noqa: E402  (benchmarks/, beside this script)
 
 MIN_AGREEMENT = 0.95
 MAX_F1_CHANGE = 0.01
@@ -40,16 +40,9 @@ def caption_all(model, images, beams: int, max_length: int, batch_size: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint folder (save_pretrained) or Hub id of a shapes model")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the generated test images")
-    parser.add_argument("--beams", default="1,3", help="decoding modes to check, e.g. 1,3")
-    parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="images per caption_batch call (1 = what the app does; int8 activation scales are "
-                             "per batch, so larger batches can change int8 captions slightly)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser = shapes_checkpoint_parser(
+        __doc__, batch_size=1, batch_help="images per caption_batch call (1 = what the app does; int8 activation "
+        "scales are per batch, so larger batches can change int8 captions slightly)")
     parser.add_argument("--encoder-bf16", choices=["auto", "true", "false"], default="false",
                         help="also the opt-in bf16 ResNet (quantize_int8(encoder_bf16=...)): false (default, what "
                              "the app serves), true, or auto (CPUs with AMX / AVX512-BF16)")

@@ -11,7 +11,6 @@ Pass (exit 0) when the default setting loses <= 0.005 object F1 in every mode. P
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from caption_model import ImageCaptioner  # noqa: E402
+from shapes_cli import shapes_checkpoint_parser  # noqa: E402  (benchmarks/, beside this script)
 from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY  # noqa: E402
 from caption_model.training.metrics import shapes_scores  # noqa: E402
 from caption_model.training.shapes import generate_shapes_example  # noqa: E402
@@ -99,16 +99,9 @@ def photos_table(model, args, settings) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint folder (save_pretrained) or Hub id of a shapes model")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the generated test images")
-    parser.add_argument("--beams", default="1,3", help="decoding modes, e.g. 1,3")
-    parser.add_argument("--max-length", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = shapes_checkpoint_parser(__doc__, batch_size=16)
     parser.add_argument("--penalty", type=float, action="append", default=[],
                         help="also measure no_repeat_ngram_size=3 with this repetition_penalty (repeatable)")
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
