@@ -113,3 +113,8 @@ class CaptionerConfig:
 LIBRARY_NAME = "pytorch"
 PIPELINE_TAG = "image-to-text"
 MODEL_TAGS = ["image-captioning", "image-to-text", "attention-heatmap", "resnet-50", "bert"]
+
+# Where the project lives and the one install line the README and every model card show (set the URL when the
+# repository is published under its real name).
+PROJECT_URL = "https://github.com/USER/REPO"
+INSTALL_COMMAND = f'pip install "caption-model @ git+{PROJECT_URL}"'

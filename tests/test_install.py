@@ -109,3 +109,11 @@ def test_the_space_installs_inference_and_app_dependencies_only():
     expected = [r for r in PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["app"]
                 if hub_space.requirement_name(r) != "gradio"]  # gradio comes from the Space's sdk_version
     assert requirements == expected
+
+
+def test_the_readme_and_every_model_card_show_the_same_install_line():
+    from caption_model.config import INSTALL_COMMAND
+    from caption_model.hub.card import render_model_card
+
+    assert INSTALL_COMMAND in (ROOT / "README.md").read_text()
+    assert INSTALL_COMMAND in str(render_model_card({"image_size": 128, "encoder_stage": "layer3"}))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from caption_model.config import (CONFIG_FILE, LIBRARY_NAME, METRICS_FILE, MODEL_TAGS, PIPELINE_TAG, SAMPLES_FILE,
-                                  STAGE_STRIDES, TRAINING_CONFIG_FILE)
+from caption_model.config import (CONFIG_FILE, INSTALL_COMMAND, LIBRARY_NAME, METRICS_FILE, MODEL_TAGS, PIPELINE_TAG,
+                                  PROJECT_URL, SAMPLES_FILE, STAGE_STRIDES, TRAINING_CONFIG_FILE)
 
 DEFAULT_LICENSE = "apache-2.0"
 FLICKR8K_DATASET = "jxie/flickr8k"
@@ -313,8 +313,11 @@ def _usage(repo_id: str | None, space_id: str | None) -> list[str]:
                f"Deploy the demo Space with `python push_to_hub.py CHECKPOINT --repo-id {repo} --space USER/SPACE`.")
     return [
         "", "## How to use", "", "### From Python", "",
-        "The model class lives in the `caption_model` package (in the project repository and in the Space "
-        f"[`{space}`](https://huggingface.co/spaces/{space}) next to `app.py`).",
+        f"Install the `caption_model` package ([{PROJECT_URL}]({PROJECT_URL}); inference dependencies only):",
+        "",
+        "```bash",
+        INSTALL_COMMAND,
+        "```",
         "",
         "```python",
         "from caption_model import ImageCaptioner",
