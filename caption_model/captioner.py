@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -75,13 +77,17 @@ class ImageCaptioner(
 
     def quantize_int8(self, encoder_bf16: bool | None = False) -> "ImageCaptioner":
         """The fast CPU inference mode, in place; returns self. The decoder's per-token weights become int8 and
-        the ResNet runs as one oneDNN-fused graph (caption_model.cpu). Captions match fp32 nearly always:
+        the ResNet runs as one oneDNN-fused graph (caption_model.cpu); where the CPU has no int8 engine (ARM) the
+        model stays fp32 with a one-line warning (`quantized` says which). Captions match fp32 nearly always:
         benchmarks/int8_quality.py measures how often. encoder_bf16: also run the ResNet in bf16 (None: where
         the CPU has AMX or AVX512-BF16). Also `ImageCaptioner.from_pretrained(path, quantize="int8")`."""
-        from .cpu.fast_mode import apply_int8
+        from .cpu.fast_mode import apply_int8, int8_available
         from .cpu.memory import return_freed_memory_to_the_os
 
-        if not self.quantized:
+        if not self.quantized and not int8_available():
+            warnings.warn(f"int8 fast mode unavailable on this CPU ({platform.machine()}: no fbgemm); serving fp32",
+                          RuntimeWarning, stacklevel=2)
+        elif not self.quantized:
             self.encoder, self.step_kernels = apply_int8(self, encoder_bf16)
             self.fast_mode = "int8"
             return_freed_memory_to_the_os()  # the fp32 weights just replaced

@@ -52,3 +52,22 @@ def test_int8_captions_agree_with_fp32_on_either_path(tiny_trained_captioner, fl
     fp32 = tiny_trained_captioner.caption_batch(images, num_beams=1, max_length=20)
     int8 = model.caption_batch(images, num_beams=1, max_length=20)
     assert np.mean([a.text == b.text for a, b in zip(fp32, int8)]) >= 0.9
+
+
+def test_on_arm_the_fast_mode_stays_fp32_with_one_warning(tiny_trained_captioner, monkeypatch):
+    import platform
+    import warnings
+
+    from caption_model.cpu.fast_mode import int8_available
+
+    assert int8_available("x86_64") and not int8_available("aarch64") and not int8_available("arm64")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    model = copy.deepcopy(tiny_trained_captioner)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert model.quantize_int8() is model
+    assert [str(w.message) for w in caught if "int8" in str(w.message)] == [
+        "int8 fast mode unavailable on this CPU (aarch64: no fbgemm); serving fp32"]
+    assert not model.quantized and model.step_kernels is None  # nothing half-converted
+    image = shapes_images(1, seed=5)[0]
+    assert model.caption(image, num_beams=1).text == tiny_trained_captioner.caption(image, num_beams=1).text

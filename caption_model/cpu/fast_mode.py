@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..cached_step import StepKernels
 from ..modeling import CaptionerModel
 from .encoder_graph import FusedEncoder, compile_encoder
-from .features import cpu_flags, has_native_bf16, has_vnni
+from .features import cpu_flags, has_native_bf16, has_vnni, is_x86
 from .int8 import quantize_decoder
+
+
+def int8_available(machine: str | None = None) -> bool:
+    """The int8 mode needs fbgemm, torch's x86-64 int8 engine; ARM (Apple silicon, Graviton) has none."""
+    return is_x86(machine) and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def apply_int8(model: CaptionerModel, encoder_bf16: bool | None = False,
