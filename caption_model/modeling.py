@@ -22,9 +22,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokeniz
 from .config import ENCODER_STAGES, IGNORE_INDEX, CaptionerConfig
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Image encoder
-# ---------------------------------------------------------------------------------------------------------
+# --- Image encoder -------------------------------------------------------------------------------------
 class ImageEncoder(nn.Module):
     """ResNet-50 trunk up to `config.encoder_stage`, without avgpool/fc: (B, 3, S, S) -> (B, C, gh, gw).
 
@@ -118,9 +116,7 @@ class VisualProjection(nn.Module):
         return self.dropout(self.norm(self.proj(tokens)) + position)  # (B, P, D)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Fusion decoder
-# ---------------------------------------------------------------------------------------------------------
+# --- Fusion decoder ------------------------------------------------------------------------------------
 class AdditiveAttention(nn.Module):
     """Bahdanau attention: alpha_t = softmax_p(w . tanh(W_h h_t + W_v v_p)); the per-word heatmap."""
 
@@ -231,9 +227,7 @@ class FusionDecoder(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The captioner
-# ---------------------------------------------------------------------------------------------------------
+# --- The whole network ---------------------------------------------------------------------------------
 @dataclass
 class CaptionerOutput:
     loss: torch.Tensor | None  # scalar, when labels are given
