@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +36,7 @@ from caption_model.processing import load_image
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODEL_CONCURRENCY = 1  # one forward at a time: torch already uses both vCPUs of a free Space
 QUEUE_MAX_SIZE = 64  # waiting requests beyond this get "queue full" instead of piling up
+DISPLAY_CACHE_SIZE = 8  # display copies kept between a caption and its views (one per concurrent upload)
 DISPLAY_MAX_SIDE = 768  # overlays are drawn on a copy this size at most (a 50 MP photo stays fast)
 # words never shown first: the first other word (a colour, an object...) is selected after a caption
 STOP_WORDS = frozenset("a an the of to and in on at with is are it its there this that left right above below "
@@ -76,6 +79,27 @@ class CaptionUI:
 
     def __init__(self, service: serving.CaptionService) -> None:
         self.service = service
+        # display copies of the latest uploads (cached path -> image), so the views' step does not decode the
+        # upload a second time; a few entries: concurrent sessions, not a history
+        self._displays: OrderedDict[str, Image.Image] = OrderedDict()
+        self._displays_lock = threading.Lock()
+
+    def _remember_display(self, source: str | bytes, picture: Image.Image) -> None:
+        if isinstance(source, str):
+            display = picture.copy()
+            display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+            with self._displays_lock:
+                self._displays[source] = display
+                while len(self._displays) > DISPLAY_CACHE_SIZE:
+                    self._displays.popitem(last=False)
+
+    def _display_of(self, source: str | bytes) -> Image.Image:
+        with self._displays_lock:
+            display = self._displays.pop(source, None) if isinstance(source, str) else None
+        if display is None:  # a data URL, or evicted: decode again
+            display = load_image(source)
+            display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+        return display
 
     def caption(
         self,
@@ -116,6 +140,7 @@ class CaptionUI:
             raise gr.Error(f"That file can't be captioned: {message}", print_exception=False) from error
         if not result.words:
             gr.Warning("The model wrote no words for this image (try beam search or another image).")
+        self._remember_display(source, picture)
         grid = tuple(self.service.captioner.grid_size)
         return result.text, serving.caption_payload(result, grid, picture.size, self.service.model_id)
 
@@ -125,8 +150,7 @@ class CaptionUI:
         source, _ = uploaded_file(image)
         if source is None or not data:
             return None
-        display = load_image(source)
-        display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+        display = self._display_of(source)
         gh, gw = data["grid_size"]
         attention = np.asarray(data["attention"], dtype=np.float32).reshape(len(data["words"]), gh, gw)
         return Result(image=display, words=list(data["words"]), attention=attention)

@@ -180,6 +180,8 @@ def test_handler_captions_any_readable_image(ui, files, name, captioner):
     expected = (upright.height, upright.width) if name == "exif_rotated.jpg" else upright.size
     assert tuple(data["image_size"]) == expected
     assert max(state.image.size) <= app.DISPLAY_MAX_SIDE and state.attention.shape[0] == len(state.words)
+    again = ui.stored_result(str(files[name]), data)  # no remembered copy left: decoded again, same picture
+    assert again.image.size == state.image.size
 
 
 @pytest.mark.parametrize("name", list(bad_files()))
@@ -198,8 +200,9 @@ def test_handler_asks_for_an_image_when_there_is_none(ui, empty):
 def test_views_come_from_the_stored_result(ui, tmp_path, monkeypatch):
     path = str(shapes_png(tmp_path))
     text, data = ui.caption(path, "beam", 3, 30, 1.0)
-    # showing the result, changing the word or the opacity must not run the model again
+    # showing the result, changing the word or the opacity must not run the model (or decode the upload) again
     monkeypatch.setattr(ui.service.captioner, "caption", lambda *a, **k: pytest.fail("model called again"))
+    monkeypatch.setattr(app, "load_image", lambda *a, **k: pytest.fail("upload decoded a second time"))
     state, picker, heatmap, gallery = ui.show_result(path, data, 0.5)
     np.testing.assert_allclose(state.attention, np.asarray(data["attention"]), atol=1e-6)
     assert [value for _, value in picker.choices] == list(range(len(data["words"])))
