@@ -24,6 +24,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from .generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY, Caption, check_repetition_control
+from .heatmap import DEFAULT_INPUT_SIZE, cell_geometry
 from .processing import load_image
 
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
@@ -183,14 +184,17 @@ class CaptionFile:
 
 
 # --- heatmap strips ---------------------------------------------------------------------------------------------
-def heatmap_strip(image: Image.Image, caption: Caption, height: int = STRIP_HEIGHT) -> Image.Image:
-    """The image, then one overlay per word (caption_model.heatmap.overlay), each tile labelled -> one RGB image."""
+def heatmap_strip(image: Image.Image, caption: Caption, height: int = STRIP_HEIGHT,
+                  input_size: int = DEFAULT_INPUT_SIZE) -> Image.Image:
+    """The image, then one overlay per word (caption_model.heatmap.overlay; `input_size` the model's input side),
+    each tile labelled -> one RGB image."""
     from .heatmap import overlay  # matplotlib: only when strips are asked for
 
     width = max(1, round(image.width * height / image.height))
     small = image.resize((width, height), Image.Resampling.BICUBIC)
     tiles = [(small, "(image)")]
-    tiles += [(overlay(small, caption.attention[i]), word) for i, word in enumerate(caption.words)]
+    tiles += [(overlay(small, caption.attention[i], input_size=input_size), word)
+              for i, word in enumerate(caption.words)]
     strip = Image.new("RGB", (width * len(tiles), height + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(strip)
     font = _font()
@@ -258,11 +262,13 @@ def caption_images(captioner, images: list, args: argparse.Namespace) -> list[Ca
 
 
 def make_row(file: str, image: Image.Image, caption: Caption, grid: tuple[int, int], model: str,
-             heatmap: str | None) -> dict:
+             heatmap: str | None, input_size: int = DEFAULT_INPUT_SIZE) -> dict:
     return {"file": file, "caption": caption.text, "words": list(caption.words), "score": round(caption.score, 6),
             "grid_size": [int(grid[0]), int(grid[1])],  # [gh, gw]: rows and columns of the attention grid
             "image_size": [image.width, image.height],  # [width, height] of the (EXIF-upright) image
-            "heatmap": heatmap, "model": model}
+            "heatmap": heatmap, "model": model,
+            # JSON Lines only: cell (i, j)'s receptive-field centre is (cell_centres_x[j], cell_centres_y[i]) px
+            "cell_geometry": cell_geometry(grid, image.size, input_size)}
 
 
 def run_batch(captioner, files: list[str], args: argparse.Namespace, out: CaptionFile, report) -> list[str]:
@@ -284,8 +290,9 @@ def run_batch(captioner, files: list[str], args: argparse.Namespace, out: Captio
         strip = None
         if args.heatmaps:
             strip = os.path.join(args.heatmaps, heatmap_name(file))
-            heatmap_strip(image, result).save(strip)
-        rows.append(make_row(file, image, result, captioner.config.grid_size, args.model, strip))
+            heatmap_strip(image, result, input_size=captioner.config.image_size).save(strip)
+        rows.append(make_row(file, image, result, captioner.config.grid_size, args.model, strip,
+                             captioner.config.image_size))
     out.write(rows)
     return skipped
 

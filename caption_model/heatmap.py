@@ -1,37 +1,117 @@
-"""Attention map -> smooth, colour-mapped overlay on the original image."""
+"""Attention map -> smooth, colour-mapped overlay on the original image; the cell -> image-pixel geometry.
+
+Cell geometry (one owner: `cell_centres`): the whole image is resized to the model input S x S (no crop) and the
+encoder's grid has stride s = S / g input pixels per cell. torchvision's ResNet centres the receptive field of
+grid cell (i, j) on input pixel index (s*i, s*j), i.e. at (x, y) = (s*j + 0.5, s*i + 0.5) in continuous input
+coordinates (pixel k spans [k, k + 1)), which is (x * W / S, y * H / S) in the original W x H image: half a pixel
+right of the cell's slice start, not the middle of its 1/g slice.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
+from .config import CaptionerConfig
 from .processing import ImageInput, load_image
 
+DEFAULT_INPUT_SIZE = CaptionerConfig.__dataclass_fields__["image_size"].default  # S when a caller does not say
+CUBIC_A = -0.5  # Keys' cubic convolution parameter (PIL's and OpenCV's bicubic)
 
-def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(gh, gw) map -> (H, W) float32 in [0, 1], bicubic (smooth, not blocky); cell (i, j) covers its own
-    1/gh x 1/gw of the image, as in the model's preprocessing (the whole image, no crop)."""
+
+def cell_centres(grid_shape: tuple[int, int], image_size: tuple[int, int],
+                 input_size: int = DEFAULT_INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Receptive-field centres of the (gh, gw) grid's cells in the original image: (xs (gw,), ys (gh,)) float64.
+
+    Continuous pixel coordinates (pixel k spans [k, k + 1)): cell (i, j) is centred at (xs[j], ys[i]), the pixel
+    (column, row) = (floor(xs[j]), floor(ys[i])). image_size: (W, H); input_size: the model input side S.
+    """
+    (gh, gw), (width, height), side = grid_shape, image_size, float(input_size)
+    xs = ((side / gw) * np.arange(gw) + 0.5) * width / side  # (gw,)
+    ys = ((side / gh) * np.arange(gh) + 0.5) * height / side  # (gh,)
+    return xs, ys
+
+
+def cell_geometry(grid_shape: tuple[int, int], image_size: tuple[int, int],
+                  input_size: int = DEFAULT_INPUT_SIZE) -> dict:
+    """How cells map to image pixels, as JSON for programs that draw the maps (the /caption API, the CLI)."""
+    xs, ys = cell_centres(grid_shape, image_size, input_size)
+    gh, gw = grid_shape
+    return {
+        "input_size": int(input_size),  # S: the image is resized to S x S (no crop) for the model
+        "stride": [input_size / gh, input_size / gw],  # [rows, cols]: input pixels per cell
+        "cell_centres_x": np.round(xs, 3).tolist(),  # [gw] x of column j's receptive-field centre, image pixels
+        "cell_centres_y": np.round(ys, 3).tolist(),  # [gh] y of row i's receptive-field centre, image pixels
+        "cell_centre_formula": "x = (stride_x*j + 0.5) * width / input_size, y = (stride_y*i + 0.5) * height / "
+                               "input_size; continuous pixel coordinates (pixel k spans [k, k+1))",
+    }
+
+
+def _cubic_weights(positions: np.ndarray, n_cells: int) -> np.ndarray:
+    """(n,) fractional cell indices -> (n, n_cells) Keys cubic interpolation weights, edge cells repeated."""
+    base = np.floor(positions).astype(np.int64)  # (n,)
+    t = positions - base  # (n,) in [0, 1)
+    weights = np.zeros((positions.size, n_cells), dtype=np.float32)
+    rows = np.arange(positions.size)
+    for offset in (-1, 0, 1, 2):
+        d = np.abs(t - offset)  # (n,) distance to the tap
+        w = np.where(d <= 1, ((CUBIC_A + 2) * d - (CUBIC_A + 3)) * d * d + 1,
+                     np.where(d < 2, CUBIC_A * (((d - 5) * d + 8) * d - 4), 0.0))
+        np.add.at(weights, (rows, np.clip(base + offset, 0, n_cells - 1)), w)
+    return weights
+
+
+def _axis_weights(centres: np.ndarray, length: int) -> np.ndarray:
+    """(length, g) weights that interpolate g cells, cell k sitting at `centres[k]`, onto pixel centres k + 0.5;
+    beyond the outermost centres the edge cell's value holds (np.interp clamps)."""
+    positions = np.interp(np.arange(length) + 0.5, centres, np.arange(centres.size, dtype=np.float64))  # (length,)
+    return _cubic_weights(positions, centres.size)
+
+
+def upsample(attention_map: np.ndarray, size: tuple[int, int], input_size: int = DEFAULT_INPUT_SIZE) -> np.ndarray:
+    """(gh, gw) map -> (H, W) float32 in [0, 1] (min-max scaled), bicubic (smooth, not blocky), every cell's value
+    at its receptive-field centre (`cell_centres`); `input_size` is the model's input side S."""
     attention_map = np.asarray(attention_map, dtype=np.float32)
     if attention_map.ndim != 2:
         raise ValueError(f"expected one attention map of shape (gh, gw), got shape {attention_map.shape}")
     low, high = float(attention_map.min()), float(attention_map.max())
     scaled = (attention_map - low) / (high - low) if high > low else np.zeros_like(attention_map)
     width, height = size
-    image = Image.fromarray(scaled).resize((width, height), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    xs, ys = cell_centres(attention_map.shape, (width, height), input_size)
+    # separable: rows then columns, two small matrix products instead of a per-pixel 4x4 gather
+    heat = _axis_weights(ys, height) @ scaled @ _axis_weights(xs, width).T  # (H, gh) @ (gh, gw) @ (gw, W)
+    # cubic overshoot (two strong neighbours peak between them) is scaled back to 1, not clipped into a plateau:
+    # the brightest pixel stays where the interpolated map peaks
+    peak = float(heat.max())
+    if peak > 1.0:
+        heat *= 1.0 / peak
+    return np.clip(heat, 0.0, 1.0, out=heat)
 
 
-def overlay(image: ImageInput, attention_map: np.ndarray, alpha: float = 0.5, colormap: str = "inferno") -> Image.Image:
+def legend_colours(count: int = 11, colormap: str = "inferno") -> list[tuple[float, tuple[int, int, int]]]:
+    """`count` (map value, RGB colour) stops from low to high attention, for a colour legend: the overlay draws a
+    value v in that colour at opacity alpha * v, so low values leave the photo as it is."""
+    from matplotlib import colormaps  # lazy: the geometry functions above are used where matplotlib is not
+
+    values = np.linspace(0.0, 1.0, count)  # (count,)
+    rgb = np.round(colormaps[colormap](values)[:, :3] * 255).astype(int)  # (count, 3)
+    return [(float(v), (int(r), int(g), int(b))) for v, (r, g, b) in zip(values, rgb)]
+
+
+def overlay(image: ImageInput, attention_map: np.ndarray, alpha: float = 0.5, colormap: str = "inferno",
+            input_size: int = DEFAULT_INPUT_SIZE) -> Image.Image:
     """Blend the colour-mapped `attention_map` (gh, gw) over `image`; returns an RGB PIL image of the image's size.
 
     `alpha` is the heatmap opacity in [0, 1] at the map's peak, fading with the map, so low-attention pixels keep
-    the photo's own colours; `colormap` any matplotlib colour map (perceptual by default).
+    the photo's own colours; `colormap` any matplotlib colour map (perceptual by default); `input_size` the
+    model's input side S (cell geometry, see `cell_centres`).
     """
+    from matplotlib import colormaps
+
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha is the heatmap opacity and must be in [0, 1], got {alpha}")
     base = load_image(image)
-    heat = upsample(attention_map, base.size)  # (H, W) in [0, 1]
+    heat = upsample(attention_map, base.size, input_size)  # (H, W) in [0, 1]
     colours = colormaps[colormap](heat)[..., :3]  # (H, W, 3) floats in [0, 1]
     # the opacity follows the map: where the model did not look, the photo stays as it is (no grey veil)
     weight = alpha * heat[..., None]  # (H, W, 1)

@@ -68,9 +68,13 @@ def test_folder_with_bad_files_writes_the_good_ones_names_the_bad_and_resumes(ph
     rows = jsonl_rows(out)
     assert names(rows) == sorted(GOOD)
     for row in rows:
-        assert set(row) == {"file", "caption", "words", "score", "grid_size", "image_size", "heatmap", "model"}
+        assert set(row) == {"file", "caption", "words", "score", "grid_size", "image_size", "heatmap", "model",
+                            "cell_geometry"}
         assert row["caption"] == " ".join(row["words"]) and row["words"] and row["score"] <= 0
         assert row["grid_size"] == [8, 8] and row["image_size"] == list(Image.open(row["file"]).size)
+        geometry = row["cell_geometry"]  # the tiny model: 64 px input, stride 8
+        assert geometry["input_size"] == 64 and geometry["stride"] == [8, 8]
+        assert geometry["cell_centres_x"][1] == pytest.approx(8.5 * row["image_size"][0] / 64, abs=1e-3)
         strip = Image.open(row["heatmap"])  # the image, then one overlay per word
         width = round(row["image_size"][0] * STRIP_HEIGHT / row["image_size"][1])
         assert strip.size == (width * (1 + len(row["words"])), STRIP_HEIGHT + LABEL_HEIGHT)

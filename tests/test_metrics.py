@@ -13,6 +13,7 @@ import pytest
 from caption_model.training.metrics import (COCO_CAPTION_METRIC_PATH, coco_caption_scores, object_f1,
                                             object_pairs, pointing_accuracy, pointing_counts, python_tokenize,
                                             shapes_scores)
+from caption_model.heatmap import upsample
 from caption_model.training.shapes import ShapeObject
 
 # A fixed example with capitals, punctuation and clitics, so tokenisation matters.
@@ -127,44 +128,74 @@ def one_hot(grid: tuple[int, int], cell: tuple[int, int]) -> np.ndarray:
     return m
 
 
-# Image 200 x 100 (W x H), grid 2 x 4 (gh x gw): cells are 50 x 50 px, cell (i, j) has centre (50 j + 25, 50 i + 25).
+# Image 200 x 100 (W x H), grid 2 x 4 (gh x gw), model input S = 128: cells are 50 x 50 px of the image and the
+# receptive field of cell (i, j) is centred at ((32 j + 0.5) 200 / 128, (64 i + 0.5) 100 / 128) = (50 j + 0.78,
+# 50 i + 0.39) (heatmap.cell_centres), not at the middle of its slice (50 j + 25, 50 i + 25). The brightest pixel
+# of the upsampled map is the one holding that centre (column 50 j, row 50 i); the margin is half a cell, 25 px.
 IMAGE_SIZE = (200, 100)
 GRID = (2, 4)
-OBJECTS = [("red", "circle", (30, 0, 45, 20)),  # (0, 0) centre (25, 25) is outside, but inside the box + 25 px
-           ("blue", "square", (110, 55, 150, 95))]  # cell (1, 2) centre (125, 75) is inside
+S = 128
+OBJECTS = [("red", "circle", (30, 0, 45, 20)),  # cell (0, 0) peaks at pixel (0.5, 0.5): 4.5 px left of the grown box
+           ("blue", "square", (80, 30, 95, 45))]  # cell (1, 2) peaks at (100.5, 50.5): inside the grown box
 
 
-def test_pointing_accuracy_uses_argmax_cell_centre_and_half_cell_margin():
+def test_pointing_judges_the_brightest_pixel_of_the_overlay_map_with_a_half_cell_margin():
     words = ["a", "red", "circle", "and", "a", "blue", "square", "and", "a", "green", "triangle"]
-    maps = {1: (0, 0), 2: (0, 0),  # red, circle: hit thanks to the half-cell margin
-            5: (1, 2),  # blue: hit (row i = 1 is y, column j = 2 is x; swapping them lands at (75, 125): miss)
-            6: (0, 3),  # square: centre (175, 25); y = 25 is above the grown box (y >= 30): miss
+    maps = {1: (0, 1), 2: (0, 1),  # red, circle: (50.5, 0.5), inside the circle's box grown by 25 px: hits
+            5: (1, 2),  # blue: (100.5, 50.5) hit (the slice middle (125, 75) would miss: x > 95 + 25)
+            6: (1, 3),  # square: (150.5, 50.5) is right of the grown box (x <= 120): miss
             9: (1, 0), 10: (1, 0)}  # "green triangle" is not in the image: not counted
-    attention = np.stack([one_hot(GRID, maps.get(k, (0, 1))) for k in range(len(words))])
-    assert pointing_counts(words, attention, OBJECTS, IMAGE_SIZE) == (3, 4)
-    assert pointing_accuracy(words, attention, OBJECTS, IMAGE_SIZE) == 0.75
-    attention[1] = one_hot(GRID, (0, 2))  # red now points at (125, 25): outside the circle's grown box
-    assert pointing_counts(words, attention, OBJECTS, IMAGE_SIZE) == (2, 4)
+    attention = np.stack([one_hot(GRID, maps.get(k, (0, 0))) for k in range(len(words))])
+    assert pointing_counts(words, attention, OBJECTS, IMAGE_SIZE, S) == (3, 4)
+    assert pointing_accuracy(words, attention, OBJECTS, IMAGE_SIZE, S) == 0.75
+    attention[1] = one_hot(GRID, (0, 0))  # red now peaks at (0.5, 0.5): left of the circle's grown box (x >= 5)
+    assert pointing_counts(words, attention, OBJECTS, IMAGE_SIZE, S) == (2, 4)
+    slice_middle = [("blue", "square", (130, 80, 150, 95))]  # holds cell (1, 2)'s slice middle, not its centre
+    assert pointing_counts(["blue", "square"], attention[5:7], slice_middle, IMAGE_SIZE, S)[0] == 0
+
+
+def test_the_metric_points_where_the_overlay_map_peaks_not_at_the_argmax_cell():
+    """Two equally strong neighbours: upsample peaks between them, and that pixel is what the metric judges."""
+    attention = np.zeros((2, *GRID), dtype=np.float32)
+    attention[:, 1, 1] = attention[:, 1, 2] = 1.0  # cells centred at x = 50.78 and 100.78
+    heat = upsample(attention[0], IMAGE_SIZE, S)
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert (x, y) == (75, 50)  # midway
+    between = [("red", "circle", (78, 40, 95, 60))]  # grown box x in [53, 120]: holds 75.5 but not 50.78
+    assert pointing_counts(["red", "circle"], attention, between, IMAGE_SIZE, S) == (2, 2)
+    beside = [("red", "circle", (102, 40, 120, 60))]  # grown box x in [77, 145]: 75.5 is just outside
+    assert pointing_counts(["red", "circle"], attention, beside, IMAGE_SIZE, S) == (0, 2)
 
 
 def test_pointing_margin_is_half_a_cell_not_more():
     words = ["a", "red", "circle"]
-    far = [("red", "circle", (80, 60, 100, 100))]  # cell (0, 0) centre (25, 25): 55 px left of the box
-    near = [("red", "circle", (50, 45, 100, 100))]  # 25 px left and 20 px above: inside the grown box
-    attention = np.stack([one_hot(GRID, (0, 0))] * 3)
-    assert pointing_counts(words, attention, far, IMAGE_SIZE) == (0, 2)
-    assert pointing_counts(words, attention, near, IMAGE_SIZE) == (2, 2)
-    assert np.isnan(pointing_accuracy(["a", "blue", "circle"], attention, far, IMAGE_SIZE))
+    far = [("red", "circle", (80, 60, 100, 100))]  # cell (1, 1) peaks at (50.5, 50.5): 29.5 px left of the box
+    near = [("red", "circle", (75, 70, 100, 100))]  # 24.5 px left and 19.5 px above: inside the grown box
+    attention = np.stack([one_hot(GRID, (1, 1))] * 3)
+    assert pointing_counts(words, attention, far, IMAGE_SIZE, S) == (0, 2)
+    assert pointing_counts(words, attention, near, IMAGE_SIZE, S) == (2, 2)
+    assert np.isnan(pointing_accuracy(["a", "blue", "circle"], attention, far, IMAGE_SIZE, S))
     with pytest.raises(ValueError, match=r"n_words=2"):
-        pointing_counts(["red", "circle"], attention, far, IMAGE_SIZE)
+        pointing_counts(["red", "circle"], attention, far, IMAGE_SIZE, S)
 
 
 def test_shapes_scores_over_a_dataset():
     words = ["a", "red", "circle", "above", "a", "blue", "square"]
-    attention = np.stack([one_hot(GRID, (0, 0))] * 3 + [one_hot(GRID, (1, 2))] * 4)
+    # red -> (50.5, 0.5), blue and square -> (100.5, 50.5), circle -> (151.5, 50.5), a miss (the last column keeps
+    # its value out to the right edge: its first brightest pixel is the first one past its centre 150.78)
+    attention = np.stack([one_hot(GRID, (0, 1))] * 2 + [one_hot(GRID, (1, 3))] + [one_hot(GRID, (1, 2))] * 4)
     good = SimpleNamespace(text=" ".join(words), words=words, attention=attention)
     wrong = SimpleNamespace(text="a green triangle", words=["a", "green", "triangle"],
                             attention=np.stack([one_hot(GRID, (0, 0))] * 3))
-    scores = shapes_scores([good, wrong], [OBJECTS, OBJECTS], [IMAGE_SIZE, IMAGE_SIZE])
+    scores = shapes_scores([good, wrong], [OBJECTS, OBJECTS], [IMAGE_SIZE, IMAGE_SIZE], S)
     assert scores["object_f1"] == pytest.approx(4 / 7)  # tp 2, fp 1, fn 2
-    assert scores["pointing_accuracy"] == 1.0 and scores["pointed_words"] == 4
+    assert scores["pointing_accuracy"] == 0.75 and scores["pointed_words"] == 4
+    # per word kind; offsets from the box centres (37.5, 10) and (87.5, 37.5) in 50 px cells, x right, y down
+    assert scores["pointing_colour"] == 1.0 and scores["pointing_shape"] == 0.5
+    assert scores["pointed_colour_words"] == scores["pointed_shape_words"] == 2
+    assert scores["offset_colour_x"] == pytest.approx((13 + 13) / 2 / 50)
+    assert scores["offset_colour_y"] == pytest.approx((-9.5 + 13) / 2 / 50)
+    assert scores["offset_shape_x"] == pytest.approx((114 + 13) / 2 / 50)
+    assert scores["offset_shape_y"] == pytest.approx((40.5 + 13) / 2 / 50)
+    empty = shapes_scores([wrong], [OBJECTS], [IMAGE_SIZE], S)
+    assert np.isnan(empty["pointing_colour"]) and np.isnan(empty["offset_shape_y"])

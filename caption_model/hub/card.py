@@ -37,8 +37,12 @@ METRIC_NAMES = {
     "cider": ("CIDEr", "cider"), "spice": ("SPICE", "spice"),
     "object_f1": ("Object F1", "f1"), "object_precision": ("Object precision", "precision"),
     "object_recall": ("Object recall", "recall"), "pointing_accuracy": ("Pointing accuracy", "accuracy"),
+    "pointing_colour": ("Pointing accuracy, colour words", "accuracy"),
+    "pointing_shape": ("Pointing accuracy, shape words", "accuracy"),
 }
-NOT_METRICS = {"pointed_words", "num_images", "tp", "fp", "fn", "num_beams", "max_length", "max_eval_images"}
+NOT_METRICS = {"pointed_words", "num_images", "tp", "fp", "fn", "num_beams", "max_length", "max_eval_images",
+               "pointed_colour_words", "pointed_shape_words", "offset_colour_x", "offset_colour_y", "offset_shape_x",
+               "offset_shape_y"}  # counts, and signed offsets in cells (not scores)
 # Local layouts train.py reads -> how the card names them (training_config.json / metrics.json may record the kind).
 LOCAL_KINDS = {"parquet": "local parquet files", "imagefolder": "local imagefolder",
                "flickr8k": "a local copy of Flickr8k", "folder": "a local dataset folder"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from caption_model import ImageCaptioner
+from caption_model.heatmap import DEFAULT_INPUT_SIZE
 from caption_model.processing import load_image
 from caption_model.training.checkpointing import to_json
 from caption_model.training.config import TrainConfig
@@ -26,12 +27,13 @@ def caption_dataset(model: ImageCaptioner, dataset, cfg: TrainConfig, desc: str 
     return captions
 
 
-def score(captions: list, dataset) -> dict[str, float]:
-    """Object F1 + pointing accuracy when `dataset` has shapes objects, else the COCO-caption metrics."""
+def score(captions: list, dataset, input_size: int = DEFAULT_INPUT_SIZE) -> dict[str, float]:
+    """Object F1 + pointing accuracy when `dataset` has shapes objects (`input_size`: the model's input side, for
+    the cell geometry), else the COCO-caption metrics."""
     if "objects" in dataset.column_names:
         objects = [[(o["colour"], o["shape"], tuple(o["box"])) for o in objs] for objs in dataset["objects"]]
         sizes = [load_image(decode_image(image)).size for image in dataset["image"]]  # (W, H)
-        return shapes_scores(captions, objects, sizes)
+        return shapes_scores(captions, objects, sizes, input_size)
     ids = [str(i) for i in dataset["image_id"]]
     return coco_caption_scores({i: c.text for i, c in zip(ids, captions)},
                                {i: list(refs) for i, refs in zip(ids, dataset["captions"])})
@@ -41,7 +43,7 @@ def evaluate(model: ImageCaptioner, dataset, cfg: TrainConfig, desc: str = "eval
     """Caption the first `cfg.max_eval_images` images of `dataset` with `cfg.eval_beams` and score them."""
     if cfg.max_eval_images:
         dataset = dataset.select(range(min(cfg.max_eval_images, len(dataset))))
-    return score(caption_dataset(model, dataset, cfg, desc), dataset)
+    return score(caption_dataset(model, dataset, cfg, desc), dataset, model.config.image_size)
 
 
 def selection_metric(metrics: dict[str, float]) -> tuple[str, float]:

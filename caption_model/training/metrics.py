@@ -1,4 +1,5 @@
-"""Caption metrics: COCO-caption scores (pycocoevalcap) and the shapes benchmark (object F1, pointing accuracy).
+"""Caption metrics: COCO-caption scores (pycocoevalcap) and the shapes benchmark (object F1, pointing accuracy
+on the map the overlay draws).
 
 COCO-caption scoring lives in `coco_caption_metric/coco_caption_metric.py`, the local `evaluate` module
 (`evaluate.load(COCO_CAPTION_METRIC_PATH)` works offline); it is re-exported here as `coco_caption_scores`.
@@ -14,10 +15,12 @@ import numpy as np
 
 from caption_model.training.coco_caption_metric.coco_caption_metric import (coco_caption_scores, java_available,
                                                                             ptb_tokenize, python_tokenize)
+from caption_model.heatmap import DEFAULT_INPUT_SIZE, upsample
 from caption_model.training.shapes import COLOUR_WORDS, SHAPE_WORDS
 
 __all__ = ["COCO_CAPTION_METRIC_PATH", "coco_caption_scores", "java_available", "ptb_tokenize", "python_tokenize",
-           "object_pairs", "object_f1", "pointing_counts", "pointing_accuracy", "shapes_scores"]
+           "object_pairs", "object_f1", "pointing_records", "pointing_counts", "pointing_accuracy", "pointing_by_kind",
+           "shapes_scores"]
 
 COCO_CAPTION_METRIC_PATH = str(Path(__file__).parent / "coco_caption_metric")  # for evaluate.load(...)
 
@@ -83,12 +86,12 @@ def object_f1(generated: str | Sequence[str], objects: Sequence) -> dict[str, fl
 # ---------------------------------------------------------------------------------------- pointing accuracy
 
 
-def _cell_centre(attention_map: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float]:
-    """Centre (x, y), in image pixels, of the argmax cell of a (gh, gw) map."""
-    gh, gw = attention_map.shape
+def _peak(attention_map: np.ndarray, image_size: tuple[int, int], input_size: int) -> tuple[float, float]:
+    """Centre (x, y), in image pixels, of the brightest pixel of the map the overlay draws (heatmap.upsample)."""
     width, height = image_size
-    i, j = np.unravel_index(int(np.argmax(attention_map)), (gh, gw))
-    return (j + 0.5) * width / gw, (i + 0.5) * height / gh
+    heat = upsample(attention_map, (width, height), input_size)  # (H, W)
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return x + 0.5, y + 0.5
 
 
 def _inside_grown_box(point: tuple[float, float], box, margin: tuple[float, float]) -> bool:
@@ -96,51 +99,78 @@ def _inside_grown_box(point: tuple[float, float], box, margin: tuple[float, floa
     return x0 - mx <= x <= x1 + mx and y0 - my <= y <= y1 + my
 
 
-def pointing_counts(words: Sequence[str], attention: np.ndarray, objects: Sequence,
-                    image_size: tuple[int, int]) -> tuple[int, int]:
-    """(hits, total) over the colour and shape words of every correctly named "<colour> <shape>" pair.
+def pointing_records(words: Sequence[str], attention: np.ndarray, objects: Sequence, image_size: tuple[int, int],
+                     input_size: int = DEFAULT_INPUT_SIZE) -> list[dict]:
+    """One record per colour and shape word of every correctly named "<colour> <shape>" pair:
+    {"word", "kind" ("colour" | "shape"), "hit", "dx", "dy"}.
 
     words: the caption's words (`Caption.words`); attention: (n_words, gh, gw), map k belongs to words[k];
-    objects: the image's true objects; image_size: (W, H) of the original image. A word hits when the centre of
-    its map's argmax cell (cell (i, j) spans x in [j W/gw, (j+1) W/gw), y in [i H/gh, (i+1) H/gh)) lies in its
-    object's box grown by half a cell on every side.
+    objects: the image's true objects; image_size: (W, H) of the original image; input_size: the model's input side
+    S. Judged on what the user sees: a word hits when the brightest pixel of `heatmap.upsample(map, (W, H))` lies
+    in its object's box grown by half a cell (W / gw, H / gh) on every side. (dx, dy): that pixel's signed offset
+    from the box centre in cells (x right, y down).
     """
     attention = np.asarray(attention)
     if attention.ndim != 3 or attention.shape[0] != len(words):
         raise ValueError(f"expected attention of shape (n_words={len(words)}, gh, gw), got {attention.shape}")
     width, height = image_size
     gh, gw = attention.shape[1:]
-    margin = (0.5 * width / gw, 0.5 * height / gh)
+    cell = (width / gw, height / gh)  # (cw, ch) image pixels per cell
     boxes = {o[:2]: o[2] for o in map(_as_object, objects)}
-    hits = total = 0
+    records = []
     for index, pair in _pair_positions(_words(words)):
         if pair not in boxes:
             continue  # a wrongly named object has no box to point at; object F1 counts it
-        for k in (index, index + 1):  # the colour word and the shape word
-            total += 1
-            hits += _inside_grown_box(_cell_centre(attention[k], image_size), boxes[pair], margin)
-    return hits, total
+        x0, y0, x1, y1 = boxes[pair]
+        for k, kind in ((index, "colour"), (index + 1, "shape")):
+            x, y = _peak(attention[k], image_size, input_size)
+            records.append({"word": pair[0] if kind == "colour" else pair[1], "kind": kind,
+                            "hit": _inside_grown_box((x, y), boxes[pair], (cell[0] / 2, cell[1] / 2)),
+                            "dx": (x - (x0 + x1) / 2) / cell[0], "dy": (y - (y0 + y1) / 2) / cell[1]})
+    return records
+
+
+def pointing_counts(words: Sequence[str], attention: np.ndarray, objects: Sequence, image_size: tuple[int, int],
+                    input_size: int = DEFAULT_INPUT_SIZE) -> tuple[int, int]:
+    """(hits, total) over the colour and shape words of every correctly named pair (see `pointing_records`)."""
+    records = pointing_records(words, attention, objects, image_size, input_size)
+    return sum(r["hit"] for r in records), len(records)
 
 
 def pointing_accuracy(words: Sequence[str], attention: np.ndarray, objects: Sequence,
-                      image_size: tuple[int, int]) -> float:
+                      image_size: tuple[int, int], input_size: int = DEFAULT_INPUT_SIZE) -> float:
     """hits / total of `pointing_counts` for one caption; NaN when it names no true object."""
-    hits, total = pointing_counts(words, attention, objects, image_size)
+    hits, total = pointing_counts(words, attention, objects, image_size, input_size)
     return hits / total if total else float("nan")
 
 
-def shapes_scores(captions: Sequence, objects: Sequence, image_sizes: Sequence[tuple[int, int]]) -> dict[str, float]:
-    """Shapes benchmark over a dataset: object precision/recall/F1 and pointing accuracy (micro over words).
+def pointing_by_kind(records: Sequence[dict]) -> dict[str, float]:
+    """Per word kind (colour, shape): hit rate, mean signed offset in cells (x right, y down) and word count."""
+    scores: dict[str, float] = {}
+    for kind in ("colour", "shape"):
+        mine = [r for r in records if r["kind"] == kind]
+        hit, dx, dy = (np.mean([[r["hit"], r["dx"], r["dy"]] for r in mine], axis=0) if mine
+                       else (float("nan"),) * 3)
+        scores.update({f"pointing_{kind}": float(hit), f"offset_{kind}_x": float(dx), f"offset_{kind}_y": float(dy),
+                       f"pointed_{kind}_words": len(mine)})
+    return scores
 
-    captions: `Caption`s (with .text, .words, .attention); objects: per image, its objects; image_sizes: (W, H).
+
+def shapes_scores(captions: Sequence, objects: Sequence, image_sizes: Sequence[tuple[int, int]],
+                  input_size: int = DEFAULT_INPUT_SIZE) -> dict[str, float]:
+    """Shapes benchmark over a dataset: object precision/recall/F1 and pointing accuracy (micro over words), and
+    per word kind (`pointing_by_kind`): pointing_colour, pointing_shape, offset_{colour,shape}_{x,y} in cells.
+
+    captions: `Caption`s (with .text, .words, .attention); objects: per image, its objects; image_sizes: (W, H);
+    input_size: the model's input side S (`config.image_size`: cell geometry, see heatmap.cell_centres).
     """
     if not len(captions) == len(objects) == len(image_sizes):
         raise ValueError(f"expected as many objects lists and image sizes as captions, got {len(captions)} "
                          f"captions, {len(objects)} objects lists, {len(image_sizes)} sizes")
     f1 = object_f1([c.text for c in captions], objects)
-    hits = total = 0
-    for caption, objs, size in zip(captions, objects, image_sizes):
-        h, t = pointing_counts(caption.words, caption.attention, objs, size)
-        hits, total = hits + h, total + t
+    records = [r for caption, objs, size in zip(captions, objects, image_sizes)
+               for r in pointing_records(caption.words, caption.attention, objs, size, input_size)]
+    hits, total = sum(r["hit"] for r in records), len(records)
     return {"object_precision": f1["precision"], "object_recall": f1["recall"], "object_f1": f1["f1"],
-            "pointing_accuracy": hits / total if total else float("nan"), "pointed_words": total}
+            "pointing_accuracy": hits / total if total else float("nan"), "pointed_words": total,
+            **pointing_by_kind(records)}

@@ -55,7 +55,7 @@ def plot_samples(model: ImageCaptioner, dataset, out_path: Path, count: int = 4,
         for col in range(max_words):
             ax = axes[row, col + 1]
             if col < len(caption.words):
-                ax.imshow(overlay(image, caption.attention[col], alpha=0.6))
+                ax.imshow(overlay(image, caption.attention[col], alpha=0.6, input_size=model.config.image_size))
                 ax.set_title(caption.words[col], fontsize=9)
         for ax in axes[row]:
             ax.axis("off")
