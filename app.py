@@ -30,7 +30,7 @@ from PIL import Image
 
 import serving
 from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
-from caption_model.heatmap import overlay
+from caption_model.heatmap import legend_colours, overlay
 from caption_model.processing import load_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -66,6 +66,7 @@ class Result:
     image: Image.Image  # display copy, at most DISPLAY_MAX_SIDE
     words: list[str]
     attention: np.ndarray  # (len(words), gh, gw)
+    input_size: int  # the model's input side S: where each cell sits in the image (heatmap.cell_centres)
 
 
 def _default_word(words: list[str]) -> int | None:
@@ -124,7 +125,9 @@ class CaptionUI:
 
         Returns:
             The caption, and JSON with "caption", "words", "score", "grid_size" [rows, cols], "image_size"
-            [width, height] and "attention": one [rows][cols] map per word, each summing to 1.
+            [width, height], "attention": one [rows][cols] map per word, each summing to 1, and "cell_geometry":
+            where each cell's receptive field is centred in the image, cell (row i, col j) at pixel
+            (cell_centres_x[j], cell_centres_y[i]), with the formula, "input_size" and "stride" behind it.
         """
         source, name = uploaded_file(image)
         if source is None:
@@ -142,7 +145,8 @@ class CaptionUI:
             gr.Warning("The model wrote no words for this image (try beam search or another image).")
         self._remember_display(source, picture)
         grid = tuple(self.service.captioner.grid_size)
-        return result.text, serving.caption_payload(result, grid, picture.size, self.service.model_id)
+        return result.text, serving.caption_payload(result, grid, picture.size, self.service.model_id,
+                                                    self.service.captioner.config.image_size)
 
     def stored_result(self, image: dict[str, Any] | str | None, data: dict[str, Any] | None) -> Result | None:
         """What the views redraw from: a display copy of the image and the words and maps of `data` (the JSON the
@@ -153,13 +157,14 @@ class CaptionUI:
         display = self._display_of(source)
         gh, gw = data["grid_size"]
         attention = np.asarray(data["attention"], dtype=np.float32).reshape(len(data["words"]), gh, gw)
-        return Result(image=display, words=list(data["words"]), attention=attention)
+        return Result(image=display, words=list(data["words"]), attention=attention,
+                      input_size=self.service.captioner.config.image_size)
 
     def overlay_for(self, state: Result | None, index: int | None, opacity: float) -> Image.Image | None:
         """The heatmap of word `index` over the image (None when there is nothing to show)."""
         if state is None or index is None or not 0 <= int(index) < len(state.words):
             return None
-        return overlay(state.image, state.attention[int(index)], alpha=float(opacity))
+        return overlay(state.image, state.attention[int(index)], alpha=float(opacity), input_size=state.input_size)
 
     def show_result(self, image: dict[str, Any] | str | None, data: dict[str, Any] | None,
                     opacity: float) -> tuple[Result | None, Any, Any, list[tuple[Image.Image, str]]]:
@@ -191,6 +196,18 @@ class CaptionUI:
         """A gallery tile was clicked: select that word."""
         index = int(event.index)
         return gr.Radio(value=index), self.show_word(state, index, opacity)
+
+
+def legend_html() -> str:
+    """A colour bar of the overlay from low to high attention: each stop in its colour at the opacity the overlay
+    gives it (its value), over a grey checkerboard that stands for the photo."""
+    stops = ", ".join(f"rgba({r}, {g}, {b}, {v:.2f}) {100 * v:.0f}%" for v, (r, g, b) in legend_colours())
+    photo = "repeating-conic-gradient(#d0d0d0 0% 25%, #f4f4f4 0% 50%) 0 0 / 12px 12px"
+    return (f'<div style="font-size: 0.85em" title="Heatmap colours: the colour map fades into the photo where '
+            f'attention is low"><div style="height: 14px; border-radius: 3px; border: 1px solid #999; '
+            f'background: linear-gradient(to right, {stops}), {photo}"></div>'
+            '<div style="display: flex; justify-content: space-between"><span>low attention (photo unchanged)'
+            '</span><span>high attention</span></div></div>')
 
 
 def _examples() -> list[list[str]]:
@@ -250,6 +267,7 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
                     height=360,
                     elem_id="overlay",
                 )
+                gr.HTML(legend_html(), elem_id="heatmap-legend")
                 opacity = gr.Slider(0.1, 0.9, value=0.5, step=0.05, label="Heatmap opacity")
         gallery = gr.Gallery(
             label="Every word's heatmap", columns=6, height="auto", object_fit="contain", elem_id="gallery"

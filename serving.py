@@ -11,6 +11,7 @@ app.py builds the Blocks UI over a CaptionService; nothing here knows its layout
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from caption_model import Caption, ImageCaptioner
 from caption_model.config import METRICS_FILE, TRAINING_CONFIG_FILE
 from caption_model.cpu.threads import set_inference_threads
 from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
+from caption_model.heatmap import DEFAULT_INPUT_SIZE, cell_geometry
 from caption_model.hub.card import describe_training_data, read_json
 from caption_model.processing import load_image
 
@@ -63,20 +65,24 @@ def _looks_like_path(model: str) -> bool:
 def train_shapes_checkpoint(output_dir: Path) -> Path:
     """Train the `shapes` preset once (caption_model.training.train_preset); returns its best checkpoint folder."""
     try:
-        from caption_model.training import train_preset  # lazy: a Space bundle ships without training code
+        training = importlib.import_module("caption_model.training")  # lazy: a Space bundle ships without it
     except ImportError as error:
         raise ModelLoadError(
             "no model configured (--model / $CAPTION_MODEL) and no local checkpoint at "
             f"{LOCAL_CHECKPOINT}; training the shapes preset needs caption_model.training, which cannot be "
             f"imported here ({error}). Pass --model HUB_ID_OR_DIR, or train one first."
         ) from error
+    plan = getattr(training, "preset_plan", lambda preset: f"the {preset!r} preset")("shapes")
     print(
-        f"No model configured and no local checkpoint: training the shapes preset once into {output_dir} "
-        "(progress below; minutes to tens of minutes on a 2-core CPU) ...",
+        f"No model to serve: none given (--model, $CAPTION_MODEL) and no checkpoint at {output_dir / 'best'}.\n"
+        f"Training the small 'shapes' demo model on this machine first, once: {plan}, a wait of some minutes on a "
+        "CPU. How long on this machine is printed after the first steps, and the progress bar shows the time left. "
+        f"The model is saved to {output_dir / 'best'} and reused on every later start; the app serves when "
+        "training ends.",
         file=sys.stderr,
         flush=True,
     )
-    best = Path(train_preset("shapes", output_dir=output_dir))
+    best = Path(training.train_preset("shapes", output_dir=output_dir))
     if not (best / "config.json").is_file():
         raise ModelLoadError(f"train_preset('shapes') finished but {best} holds no checkpoint (config.json)")
     return best
@@ -223,8 +229,10 @@ def word_maps(result: Caption, grid: tuple[int, int]) -> np.ndarray:
     return np.asarray(result.attention, dtype=np.float32).reshape(len(result.words), *grid)
 
 
-def caption_payload(result: Caption, grid: tuple[int, int], image_size: tuple[int, int], model_id: str) -> dict:
-    """JSON of the `/caption` API: caption, words, score, grid and image size, one attention map per word."""
+def caption_payload(result: Caption, grid: tuple[int, int], image_size: tuple[int, int], model_id: str,
+                    input_size: int = DEFAULT_INPUT_SIZE) -> dict:
+    """JSON of the `/caption` API: caption, words, score, grid and image size, one attention map per word, and
+    where each cell sits in the image (`input_size`: the model's input side S; heatmap.cell_geometry)."""
     attention = word_maps(result, grid)  # (len(words), gh, gw)
     return {
         "caption": result.text,  # str: the words joined by spaces
@@ -234,6 +242,8 @@ def caption_payload(result: Caption, grid: tuple[int, int], image_size: tuple[in
         "image_size": [int(image_size[0]), int(image_size[1])],  # [width, height] of the (EXIF-upright) input
         "attention": np.round(attention, 6).tolist(),  # [word][row][col] = (len(words), gh, gw), each map sums to 1
         "model": model_id,  # str: the Hub id or folder served
+        # cell (i, j)'s receptive-field centre in image pixels: (cell_centres_x[j], cell_centres_y[i])
+        "cell_geometry": cell_geometry(grid, image_size, input_size),
     }
 
 

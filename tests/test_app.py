@@ -67,6 +67,8 @@ def assert_caption_data(data: dict, caption: str, grid: tuple[int, int], nonempt
     assert data["caption"] == caption and " ".join(data["words"]) == caption
     assert bool(data["words"]) or not nonempty, "an in-distribution image should get words"
     assert data["grid_size"] == list(grid)
+    geometry = data["cell_geometry"]  # where each cell sits in the image (tests/test_heatmap_geometry.py: values)
+    assert (len(geometry["cell_centres_y"]), len(geometry["cell_centres_x"])) == tuple(grid)
     if not data["words"]:
         assert data["attention"] == []
         return
@@ -292,7 +294,7 @@ def test_a_local_checkpoint_is_used_when_nothing_is_configured(monkeypatch, tmp_
     assert serving.resolve_model(None) == str(local)
 
 
-def test_without_any_model_the_shapes_preset_is_trained_once(monkeypatch, tmp_path, tiny_checkpoint):
+def test_without_any_model_the_shapes_preset_is_trained_once(monkeypatch, tmp_path, tiny_checkpoint, capsys):
     monkeypatch.delenv("CAPTION_MODEL", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.setattr(serving, "LOCAL_CHECKPOINT", tmp_path / "checkpoints" / "shapes" / "best")
@@ -307,9 +309,16 @@ def test_without_any_model_the_shapes_preset_is_trained_once(monkeypatch, tmp_pa
             (best / item.name).write_bytes(item.read_bytes())
         return best
 
-    monkeypatch.setitem(sys.modules, "caption_model.training", types.SimpleNamespace(train_preset=train_preset))
+    plan = types.SimpleNamespace(train_preset=train_preset, preset_plan=lambda preset: "750 steps (6 epochs)")
+    monkeypatch.setitem(sys.modules, "caption_model.training", plan)
     resolved = serving.resolve_model(None)
     assert calls == [("shapes", tmp_path / "checkpoints" / "shapes")]
+    # the newcomer is told what happens, for how long, and where the model goes (before training starts)
+    told = " ".join(capsys.readouterr().err.split())
+    best = str(tmp_path / "checkpoints" / "shapes" / "best")
+    assert f"no checkpoint at {best}" in told and "Training the small 'shapes' demo model" in told
+    assert "750 steps (6 epochs)" in told and "printed after the first steps" in told
+    assert f"saved to {best} and reused on every later start" in told
     assert resolved == str(tmp_path / "checkpoints" / "shapes" / "best")
     assert serving.load_captioner(resolved).caption(ROOT / "examples" / "shapes_9.png").text
     assert serving.resolve_model(None) == resolved and len(calls) == 1  # the second start reuses it
@@ -389,9 +398,13 @@ def test_app_serves_the_fast_mode_unless_fp32_is_asked(tiny_checkpoint):
 
 
 def test_training_offers_the_fallback_serving_expects():
-    from caption_model.training import train_preset
+    from caption_model.training import PRESETS, preset_plan, train_preset
 
     inspect.signature(train_preset).bind("shapes", output_dir=Path("checkpoints/shapes"))
+    shapes = PRESETS["shapes"]
+    steps = -(-shapes["shapes_sizes"][0] // shapes["batch_size"]) * shapes["epochs"]
+    assert preset_plan("shapes").startswith(f"{steps} steps ({shapes['epochs']} epochs of "
+                                            f"{shapes['shapes_sizes'][0]} synthetic images")
 
 
 def test_serving_writes_only_to_temp_dirs(client, tmp_path):

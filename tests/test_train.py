@@ -52,8 +52,11 @@ def current_umask() -> int:
     return mask
 
 
-def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path):
+def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys):
     output = run(tmp_path, "run", "--epochs", "2")
+    # after its first steps the run says how long the rest will take (6 steps: after the first)
+    err = capsys.readouterr().err
+    assert "train: about" in err and "to go at this machine's pace so far (5 steps of" in err, err
     for name in ("best", "last"):
         folder = output / name
         assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.json"} <= {

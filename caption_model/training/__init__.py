@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from caption_model.training.config import PRESETS, TrainConfig
     from caption_model.training.loop import train
 
-__all__ = ["PRESETS", "TrainConfig", "train", "train_preset"]
+__all__ = ["PRESETS", "TrainConfig", "preset_plan", "train", "train_preset"]
 _HOMES = {"PRESETS": "config", "TrainConfig": "config", "train": "loop"}
 
 
@@ -28,6 +28,20 @@ def train_preset(preset: str = "shapes", output_dir: str | os.PathLike = "checkp
     from caption_model.training.loop import train
 
     return train(preset_config(preset, **overrides, output_dir=os.fspath(output_dir))) / "best"
+
+
+def preset_plan(preset: str = "shapes", **overrides) -> str:
+    """What training a preset does, in words for a waiting user: "750 steps (6 epochs of 4000 images, batch 32)"."""
+    import math
+
+    from caption_model.training.config import preset_config
+
+    cfg = preset_config(preset, **overrides)
+    images = cfg.shapes_sizes[0] if cfg.source == "shapes" else None
+    if images is None:
+        return f"{cfg.epochs} epochs"
+    steps = cfg.max_steps or math.ceil(images / cfg.batch_size) * cfg.epochs
+    return f"{steps} steps ({cfg.epochs} epochs of {images} synthetic images, batch {cfg.batch_size})"
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "log.jsonl"  # one JSON record per logged step, cache count and validation
 LOSS_CURVE_FILE = "loss_curve.png"
 VALIDATION_METRICS_FILE = "validation_metrics.json"  # inside best/: the validation scores that chose it
+ESTIMATE_AFTER_STEPS = 20  # steps timed before the run says how long the rest will take (fewer on short runs)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -228,12 +230,26 @@ def _training_step(run: Run, batch: dict):
     return out
 
 
+def _say_how_long(progress) -> None:
+    """One line, once, after the first steps of this process: the time the remaining steps will take at their pace."""
+    info = progress.format_dict  # n, initial, total, elapsed (s)
+    per_step = info["elapsed"] / max(info["n"] - info["initial"], 1)
+    left = per_step * (info["total"] - info["n"])
+    when = f"about {left / 60:.0f} min" if left >= 90 else f"about {left:.0f} s"
+    progress.write(f"train: {when} to go at this machine's pace so far ({info['total'] - info['n']} steps of "
+                   f"{per_step:.2f} s), plus a validation pass after each epoch", file=sys.stderr)
+
+
 def _after_step(run: Run, out, epoch: int, progress) -> None:
-    """Progress bar, log record every `log_every_steps`, last/ every `save_every_steps`."""
+    """Progress bar (and once, how long the rest will take), log record every `log_every_steps`, last/ every
+    `save_every_steps`."""
     step, cfg = run.state["step"], run.cfg
     rate = run.images_seen / max(time.perf_counter() - run.started, 1e-9)
     progress.update(1)
     progress.set_postfix(loss=f"{out.loss.item():.3f}", img_s=f"{rate:.1f}", epoch=epoch)
+    if not progress.disable and progress.n - progress.initial == min(ESTIMATE_AFTER_STEPS,
+                                                                     max(1, run.total_steps // 10)):
+        _say_how_long(progress)
     if step % cfg.log_every_steps == 0 or step == 1:
         run.log({"step": step, "epoch": epoch, "loss": out.loss.item(),
                  **{f"loss_{k}": v.item() for k, v in out.losses.items()},
