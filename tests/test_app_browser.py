@@ -1,5 +1,6 @@
 """The app in a real headless browser (Debian chromium driven by Playwright): upload, caption, pick a word, see its
-overlay; bad input gets a readable message. Saves test-artifacts/app_browser.png."""
+overlay and the colour legend; bad input gets a readable message. Saves test-artifacts/app_browser.png (a shapes
+image) and test-artifacts/app_browser_photo.png (a photo)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 SCREENSHOT = ROOT / "test-artifacts" / "app_browser.png"
+PHOTO_SCREENSHOT = ROOT / "test-artifacts" / "app_browser_photo.png"
 TIMEOUT_MS = 120_000  # a shared 2-core machine can be slow; waits end as soon as the page is ready
 
 
@@ -94,12 +96,35 @@ def test_upload_caption_pick_a_word_and_see_its_overlay(page, captioner, tiny_ch
     shown = fetch_image(page, overlay_img)
     # the views redraw from the /caption JSON, whose maps are rounded to 6 decimals
     drawn_map = np.round(expected.attention[index], 6)
-    drawn = np.asarray(overlay(load_image(image_path), drawn_map, alpha=0.5), dtype=np.int16)
+    drawn = overlay(load_image(image_path), drawn_map, alpha=0.5, input_size=captioner.config.image_size)
+    drawn = np.asarray(drawn, dtype=np.int16)
     assert shown.shape == drawn.shape and np.abs(shown - drawn).max() <= 1
 
+    # the colour legend beside the heatmap: low to high attention
+    legend = page.locator("#heatmap-legend")
+    expect(legend).to_be_visible()
+    expect(legend).to_contain_text("low attention")
+    expect(legend).to_contain_text("high attention")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_a_photo_gets_a_caption_and_its_overlay(page, captioner):
+    photo = sorted((ROOT / "examples").glob("*.jpg"))[0]
+    page.locator("#input-image button[aria-label='Remove Image']").first.click()
+    page.locator("#input-image input[type=file]").set_input_files(str(photo))
+    expect(page.locator("#input-image img").first).to_be_visible()
+    page.locator("#run-button").click()
+    expected = captioner.caption(photo, num_beams=3, max_length=30)
+    expect(page.locator("#caption textarea")).to_have_value(expected.text)
+    expect(page.locator("#gallery img")).to_have_count(len(expected.words))  # the views are drawn
+    if expected.words:
+        default = expected.words[app._default_word(expected.words)]
+        expect(page.locator("#overlay")).to_contain_text(f'Where the model looked for "{default}"')
+        expect(page.locator("#overlay img").first).to_be_visible()
+    page.screenshot(path=str(PHOTO_SCREENSHOT), full_page=True)
+    assert PHOTO_SCREENSHOT.stat().st_size > 10_000
 
 
 def test_a_bad_file_gets_a_readable_message_and_the_page_keeps_working(page, captioner, tmp_path):
