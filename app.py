@@ -1,14 +1,15 @@
 """Gradio Space: caption an image and show where the model looked for every word.
 
-    python app.py [--model HUB_ID_OR_DIR] [--host HOST] [--port PORT] [--precision {int8,fp32}] [--threads N]
+    python app.py [--model HUB_ID_OR_DIR] [--host HOST] [--port PORT] [--precision MODE] [--threads N]
 
 This file is the UI: constants, the typed event handlers (CaptionUI) and the Blocks layout. serving.py finds and
 loads the model (--model, else $CAPTION_MODEL, else a local checkpoint, else the `shapes` preset trained once) and
 serves, from one process, this UI at /, its gradio_client endpoint /caption, POST /predict and GET /health.
 
-The model serves in the fast CPU mode by default (`--precision int8`, or $CAPTION_PRECISION): the int8 decoder;
-captions match fp32 for >= 95% of images (benchmarks/int8_quality.py).
-`--precision fp32` serves the weights exactly as trained. torch gets as many CPU threads as the process may use
+The model serves in the fast CPU mode chosen for this CPU by default (`--precision auto`, or $CAPTION_PRECISION):
+int8-vnni where the CPU has AVX512-VNNI, int8-avx2 on other x86-64 CPUs, fp32 where torch has no int8 engine (ARM);
+captions match fp32 for >= 98% of images (benchmarks/int8_quality.py). /health and the footer say which mode runs
+and why; `--precision int8-vnni|int8-avx2` forces one, `--precision fp32` serves the weights exactly as trained. torch gets as many CPU threads as the process may use
 (affinity capped by the container's CPU quota), or `--threads N` / $CAPTION_THREADS.
 """
 
@@ -31,7 +32,7 @@ from PIL import Image
 import serving
 from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
 from caption_model.heatmap import legend_colours, overlay
-from caption_model.processing import load_image
+from caption_model.processing import load_image, original_size
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODEL_CONCURRENCY = 1  # one forward at a time: torch already uses both vCPUs of a free Space
@@ -98,8 +99,8 @@ class CaptionUI:
         with self._displays_lock:
             display = self._displays.pop(source, None) if isinstance(source, str) else None
         if display is None:  # a data URL, or evicted: decode again
-            display = load_image(source)
-            display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+            display = load_image(source, min_side=DISPLAY_MAX_SIDE)
+            display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BICUBIC)
         return display
 
     def caption(
@@ -134,8 +135,8 @@ class CaptionUI:
             raise gr.Error("No image yet: upload one, paste it from the clipboard, use the webcam or pick an example.")
         beams = 1 if decoding == "greedy" else max(1, min(5, int(num_beams)))
         try:
-            picture, result = self.service.caption(source, beams, max_length, length_penalty,
-                                                   no_repeat_ngram_size, repetition_penalty)
+            picture, result = self.service.caption(source, beams, max_length, length_penalty, no_repeat_ngram_size,
+                                                   repetition_penalty, display_side=DISPLAY_MAX_SIDE)
         except ValueError as error:
             message = str(error)
             if isinstance(source, str):
@@ -145,7 +146,7 @@ class CaptionUI:
             gr.Warning("The model wrote no words for this image (try beam search or another image).")
         self._remember_display(source, picture)
         grid = tuple(self.service.captioner.grid_size)
-        return result.text, serving.caption_payload(result, grid, picture.size, self.service.model_id,
+        return result.text, serving.caption_payload(result, grid, original_size(picture), self.service.model_id,
                                                     self.service.captioner.config.image_size)
 
     def stored_result(self, image: dict[str, Any] | str | None, data: dict[str, Any] | None) -> Result | None:
@@ -280,7 +281,7 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
                         "shape words (\"a red circle ...\"). Serve a Flickr8k model for photos.", elem_id="model-note")
         gr.Markdown(
             f"Model: `{service.model_id}`, trained on {service.training_data}"
-            + (" (int8 decoder)" if service.precision == "int8" else " (fp32)")
+            + f" · {_describe_mode(service.fast_mode)}"
             + (f" · attention grid {grid[0]}×{grid[1]}" if grid else "")
             + " · API: `/caption` (gradio_client), `POST /predict`, `GET /health`",
             elem_id="footer-model",
@@ -310,6 +311,13 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
     return demo
 
 
+def _describe_mode(fast_mode: dict[str, str]) -> str:
+    """The footer's words for the mode served, e.g. "fast mode int8-vnni (AVX512-VNNI: 8-bit int8 weights)"."""
+    if fast_mode["mode"] == "fp32":
+        return f"fp32 ({fast_mode['reason']})"
+    return f"fast mode {fast_mode['mode']} ({fast_mode['reason']})"
+
+
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:
@@ -326,9 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="Hub repo id or checkpoint folder (default: $CAPTION_MODEL, then a local one)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument("--precision", choices=["int8", "fp32"], default=os.environ.get("CAPTION_PRECISION", "int8"),
-                        help="int8 (default, $CAPTION_PRECISION): the int8 decoder, the fast CPU mode; "
-                             "fp32: the weights exactly as trained")
+    parser.add_argument("--precision", choices=serving.PRECISIONS, default=os.environ.get("CAPTION_PRECISION", "auto"),
+                        help="auto (default, $CAPTION_PRECISION; 'int8' means the same): the fast CPU mode chosen "
+                             "for this CPU (int8-vnni with AVX512-VNNI, int8-avx2 on other x86-64, fp32 on ARM); "
+                             "int8-vnni / int8-avx2 force one; fp32: the weights exactly as trained")
     parser.add_argument("--threads", type=int, default=_int_env("CAPTION_THREADS"),
                         help="CPU threads for inference (default $CAPTION_THREADS, else the CPUs this process may "
                              "use: its affinity capped by the container's CPU quota, not the host's core count)")
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     try:
-        service = serving.start_service(args.model, int8=args.precision == "int8", threads=args.threads,
+        service = serving.start_service(args.model, precision=args.precision, threads=args.threads,
                                         device=args.device)
     except serving.ModelLoadError as error:
         sys.exit(f"app.py: {error}")

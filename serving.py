@@ -1,6 +1,6 @@
 """Serving beside the UI: which model, loading and warming it, the shared captioning service, the HTTP routes.
 
-    service = start_service(model, int8=True, threads=None)   # threads set, model resolved, loaded, warmed up
+    service = start_service(model, precision="auto", threads=None)   # threads set, model resolved, loaded, warmed up
     serve(service, demo, host, port)                          # demo at /, POST /predict, GET /health (create_app)
 
 The model comes from --model, else $CAPTION_MODEL, else a local checkpoint (checkpoints/shapes/best, or the cache
@@ -30,11 +30,16 @@ from starlette.concurrency import run_in_threadpool
 
 from caption_model import Caption, ImageCaptioner
 from caption_model.config import METRICS_FILE, TRAINING_CONFIG_FILE
+from caption_model.cpu.fast_mode import FAST_MODES
+from caption_model.cpu.features import describe_cpu
 from caption_model.cpu.threads import set_inference_threads
 from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
 from caption_model.heatmap import DEFAULT_INPUT_SIZE, cell_geometry
 from caption_model.hub.card import describe_training_data, read_json
 from caption_model.processing import load_image
+
+# --precision: "auto" (= "int8"): the fast mode chosen for this CPU; or one forced (caption_model.cpu.fast_mode)
+PRECISIONS = ("auto", "int8") + FAST_MODES
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "best"  # where `python train.py --preset shapes` puts its best
@@ -113,10 +118,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_captioner(model: str, int8: bool = True, device: str = "cpu") -> ImageCaptioner:
+def load_captioner(model: str, precision: str = "auto", device: str = "cpu") -> ImageCaptioner:
     """Load `model` (a checkpoint folder or a Hub repo id) in eval mode on `device` ("auto": a GPU if there is
-    one): on the CPU with the int8 decoder unless `int8=False`; on a GPU in half precision (CaptionService
-    captions under autocast; the int8 mode is CPU-only). ModelLoadError says why not."""
+    one). On the CPU in the fast mode chosen for this CPU (precision "auto" or "int8"; or forced: "int8-vnni",
+    "int8-avx2"; "fp32": the weights as trained); on a GPU in half precision (CaptionService captions under
+    autocast; the int8 modes are CPU-only). ModelLoadError says why not."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     target = resolve_device(device)
     path = Path(model).expanduser()
     if path.is_dir():
@@ -142,8 +150,8 @@ def load_captioner(model: str, int8: bool = True, device: str = "cpu") -> ImageC
     captioner.eval()
     if target.type != "cpu":
         captioner.to(target)
-    elif int8:
-        captioner.quantize_int8()  # int8 decoder: faster on CPU, same API
+    else:  # the fast mode this CPU gets (caption_model.cpu.fast_mode); fp32 where asked or where int8 cannot run
+        captioner.quantize_int8(mode="auto" if precision == "int8" else precision)
     return captioner
 
 
@@ -183,13 +191,28 @@ class CaptionService:
             return "int8"
         return "fp16" if self.captioner.device.type != "cpu" else "fp32"
 
+    @property
+    def fast_mode(self) -> dict[str, str]:
+        """The CPU mode served and why: {"mode": "int8-vnni" | "int8-avx2" | "fp32" | "fp16 (GPU)", "reason", "cpu"}."""
+        if self.captioner.device.type != "cpu":
+            return {"mode": "fp16 (GPU)", "reason": f"autocast on {self.captioner.device}", "cpu": describe_cpu()}
+        reason = self.captioner.fast_mode_reason or "asked for: the weights as trained"
+        return {"mode": self.captioner.fast_mode or "fp32", "reason": reason, "cpu": describe_cpu()}
+
     @torch.inference_mode()
     def caption(
         self, image: Any, num_beams: int = 1, max_length: int = 30, length_penalty: float = 1.0,
         no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        display_side: int | None = None,
     ) -> tuple[Image.Image, Caption]:
-        """Load `image` (path, bytes, PIL) and caption it; ValueError (from load_image) for a bad file."""
-        picture = load_image(image)
+        """Load `image` (path, bytes, PIL) and caption it; ValueError (from load_image) for a bad file. The image
+        is decoded only as large as needed (a JPEG at reduced scale): the model's input side, or with
+        `display_side` a copy at most that large for display, which the model then reads.
+        `processing.original_size(picture)` is the file's own size."""
+        side = self.captioner.config.image_size
+        picture = load_image(image, min_side=max(side, display_side or 0))
+        if display_side:
+            picture.thumbnail((display_side, display_side), Image.Resampling.BICUBIC)  # in place, keeps .info
         with self._lock, half_precision_on_gpu(self.captioner):
             result = self.captioner.caption(
                 picture, num_beams=int(num_beams), max_length=int(max_length), length_penalty=float(length_penalty),
@@ -213,13 +236,13 @@ def training_data_of(model_id: str) -> str:
     return describe_training_data(record(TRAINING_CONFIG_FILE), record(METRICS_FILE)).name
 
 
-def start_service(model: str | None, int8: bool = True, threads: int | None = None,
+def start_service(model: str | None, precision: str = "auto", threads: int | None = None,
                   device: str = "cpu") -> CaptionService:
     """Set torch's CPU threads (`threads`, else the CPUs this process may use), resolve and load the model on
     `device`, warm it up; ModelLoadError if there is no model to serve."""
     set_inference_threads(threads)
     model_id = resolve_model(model)
-    captioner = load_captioner(model_id, int8=int8, device=device)
+    captioner = load_captioner(model_id, precision=precision, device=device)
     warm_up(captioner)
     return CaptionService(captioner, model_id)
 
@@ -265,10 +288,11 @@ def _add_routes(app: FastAPI, service: CaptionService) -> None:
         )
 
     @app.get("/health")
-    def health() -> dict[str, str | int]:
-        """Liveness plus the model being served, its precision and torch's CPU threads."""
+    def health() -> dict[str, Any]:
+        """Liveness plus the model being served, its precision, the fast mode chosen for this CPU and why, and
+        torch's CPU threads."""
         return {"status": "ok", "model": service.model_id, "precision": service.precision,
-                "threads": torch.get_num_threads()}
+                "fast_mode": service.fast_mode, "threads": torch.get_num_threads()}
 
     @app.post("/predict")
     async def predict(image: UploadFile | None = File(None),

@@ -69,7 +69,7 @@ def shapes_table(model, args, settings) -> tuple[dict, bool]:
         base = None
         for setting in settings:
             caps, seconds = caption_all(model, images, beams, args.max_length, args.batch_size, setting)
-            scores = shapes_scores(caps, objects, sizes)
+            scores = shapes_scores(caps, objects, sizes, model.config.image_size)
             base = base or (caps, scores)
             row = {"object_f1": scores["object_f1"], "object_f1_change": scores["object_f1"] - base[1]["object_f1"],
                    "pointing_accuracy": scores["pointing_accuracy"],

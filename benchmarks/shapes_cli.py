@@ -9,7 +9,7 @@ def shapes_checkpoint_parser(description: str, batch_size: int, batch_help: str 
     """checkpoint, --images, --seed, --beams, --max-length, --batch-size, --threads; scripts add their own."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint folder (save_pretrained) or Hub id of a shapes model")
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=12345, help="seed of the generated test images")
     parser.add_argument("--beams", default="1,3", help="decoding modes, e.g. 1,3")
     parser.add_argument("--max-length", type=int, default=30)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -42,7 +41,8 @@ class ImageCaptioner(
 
     def __init__(self, config: CaptionerConfig | dict):
         super().__init__(config)
-        self.fast_mode: str | None = None  # "int8" after quantize_int8(): inference only
+        self.fast_mode: str | None = None  # "int8-vnni" / "int8-avx2" after quantize_int8(): inference only
+        self.fast_mode_reason: str | None = None  # why quantize_int8() chose that mode (or fp32)
         self.step_kernels: StepKernels | None = None  # the fast mode's stand-ins in the decoding step
 
     # --- captioning ------------------------------------------------------------------------------------------
@@ -75,21 +75,25 @@ class ImageCaptioner(
         """True after quantize_int8(): an inference-only model (no training, no save_pretrained)."""
         return self.fast_mode is not None
 
-    def quantize_int8(self, encoder_bf16: bool | None = False) -> "ImageCaptioner":
-        """The fast CPU inference mode, in place; returns self. The decoder's per-token weights become int8 and
-        the ResNet runs as one oneDNN-fused graph (caption_model.cpu); where the CPU has no int8 engine (ARM) the
-        model stays fp32 with a one-line warning (`quantized` says which). Captions match fp32 nearly always:
-        benchmarks/int8_quality.py measures how often. encoder_bf16: also run the ResNet in bf16 (None: where
-        the CPU has AMX or AVX512-BF16). Also `ImageCaptioner.from_pretrained(path, quantize="int8")`."""
-        from .cpu.fast_mode import apply_int8, int8_available
+    def quantize_int8(self, encoder_bf16: bool | None = False, mode: str = "auto") -> "ImageCaptioner":
+        """The fast CPU inference mode, in place; returns self. The decoder's per-token weights become int8 (the
+        word-choosing layers fp16) and the ResNet runs as one oneDNN-fused graph (caption_model.cpu). mode: "auto"
+        picks from the CPU (int8-vnni with AVX512-VNNI, int8-avx2 on other x86-64, fp32 with a one-line warning
+        where there is no int8 engine: ARM); `fast_mode` and `fast_mode_reason` say which and why. Captions match
+        fp32 for >= 98% of images (benchmarks/int8_quality.py). encoder_bf16: also run the ResNet in bf16 (None:
+        where the CPU has AMX or AVX512-BF16). Also `ImageCaptioner.from_pretrained(path, quantize="int8")`."""
+        from .cpu.fast_mode import apply_fast_mode, choose_fast_mode
         from .cpu.memory import return_freed_memory_to_the_os
 
-        if not self.quantized and not int8_available():
-            warnings.warn(f"int8 fast mode unavailable on this CPU ({platform.machine()}: no fbgemm); serving fp32",
-                          RuntimeWarning, stacklevel=2)
-        elif not self.quantized:
-            self.encoder, self.step_kernels = apply_int8(self, encoder_bf16)
-            self.fast_mode = "int8"
+        if self.quantized:
+            return self
+        choice = choose_fast_mode(mode)
+        if choice.warning:
+            warnings.warn(choice.warning, RuntimeWarning, stacklevel=2)
+        self.fast_mode_reason = choice.reason
+        if choice.mode != "fp32":
+            self.encoder, self.step_kernels = apply_fast_mode(self, choice.mode, encoder_bf16)
+            self.fast_mode = choice.mode
             return_freed_memory_to_the_os()  # the fp32 weights just replaced
         return self
 

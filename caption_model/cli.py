@@ -23,9 +23,10 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .cpu.fast_mode import REQUESTS
 from .generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY, Caption, check_repetition_control
 from .heatmap import DEFAULT_INPUT_SIZE, cell_geometry
-from .processing import load_image
+from .processing import load_image, original_size
 
 EXIT_OK, EXIT_USAGE, EXIT_SKIPPED = 0, 2, 3
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
@@ -62,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY,
                         help="multiply the log-probability of tokens already in the caption by this; 1.0 = off "
                         f"(default {DEFAULT_REPETITION_PENALTY})")
-    parser.add_argument("--precision", choices=["int8", "fp32"], default=os.environ.get("CAPTION_PRECISION", "int8"),
-                        help="int8: the fast CPU mode the app serves; fp32: the weights as trained "
-                        "(default $CAPTION_PRECISION, else int8)")
+    parser.add_argument("--precision", choices=("int8",) + REQUESTS, default=os.environ.get("CAPTION_PRECISION", "auto"),
+                        help="auto (or int8): the fast CPU mode the app serves, chosen for this CPU; int8-vnni / "
+                        "int8-avx2 force one; fp32: the weights as trained (default $CAPTION_PRECISION, else auto)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: the CPUs this process may use)")
     return parser
@@ -242,7 +243,7 @@ def load_captioner(model: str, precision: str):
     except Exception as error:  # Hub, IO and key errors all mean "cannot use this model"
         raise UsageError(f"could not load model {model!r}: {type(error).__name__}: {error} (expected a checkpoint "
                          "folder written by save_pretrained or a Hub model repo id)") from error
-    return captioner.quantize_int8() if precision == "int8" else captioner.eval()
+    return captioner.eval().quantize_int8(mode="auto" if precision == "int8" else precision)
 
 
 def caption_images(captioner, images: list, args: argparse.Namespace) -> list[Caption | Exception]:
@@ -265,18 +266,19 @@ def make_row(file: str, image: Image.Image, caption: Caption, grid: tuple[int, i
              heatmap: str | None, input_size: int = DEFAULT_INPUT_SIZE) -> dict:
     return {"file": file, "caption": caption.text, "words": list(caption.words), "score": round(caption.score, 6),
             "grid_size": [int(grid[0]), int(grid[1])],  # [gh, gw]: rows and columns of the attention grid
-            "image_size": [image.width, image.height],  # [width, height] of the (EXIF-upright) image
+            "image_size": list(original_size(image)),  # [width, height] of the (EXIF-upright) image file
             "heatmap": heatmap, "model": model,
             # JSON Lines only: cell (i, j)'s receptive-field centre is (cell_centres_x[j], cell_centres_y[i]) px
-            "cell_geometry": cell_geometry(grid, image.size, input_size)}
+            "cell_geometry": cell_geometry(grid, original_size(image), input_size)}
 
 
 def run_batch(captioner, files: list[str], args: argparse.Namespace, out: CaptionFile, report) -> list[str]:
     """Caption `files`, write their rows (and strips) -> the files skipped; `report(line)` names each one."""
     skipped, loaded = [], []
+    side = max(captioner.config.image_size, STRIP_HEIGHT if args.heatmaps else 0)  # decode no larger than needed
     for file in files:
         try:
-            loaded.append((file, load_image(file)))
+            loaded.append((file, load_image(file, min_side=side)))
         except ValueError as error:  # processing.ImageLoadError: not an image, truncated, decompression bomb
             skipped.append(file)
             report(f"skipped {file}: {error}")

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import CaptionerConfig
 
@@ -66,9 +66,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageInput) -> Image.Image:
+ORIGINAL_SIZE = "original_size"  # image.info key: (W, H) of the upright image before any reduced decoding
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(W, H) of the upright image as the user's file has it, also when load_image decoded a reduced copy."""
+    return tuple(image.info.get(ORIGINAL_SIZE, image.size))
+
+
+def load_image(source: ImageInput, min_side: int | None = None) -> Image.Image:
     """Open `source` as an upright RGB PIL image (EXIF orientation applied; first frame of animations).
 
+    min_side: both sides of the result may be as small as this (not smaller): a JPEG is then decoded at 1/2, 1/4
+    or 1/8 scale where that still covers it (PIL's draft mode, the decoder skips the detail), so a 12 MP photo
+    costs little more than a small one. `original_size(image)` gives the full (W, H) either way.
     Raises ImageLoadError (a ValueError) for a file that is not an image, a truncated image or a decompression bomb.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the input"
@@ -81,9 +93,14 @@ def load_image(source: ImageInput) -> Image.Image:
             raise Image.DecompressionBombError(f"it is {width}x{height} = {width * height:,} pixels")
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        size = (height, width) if orientation in _SWAPS_AXES else (width, height)  # upright
+        if min_side and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            image.draft(image.mode, (min_side, min_side))  # the largest 1/2^k scale with both sides >= min_side
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        image = _to_rgb(ImageOps.exif_transpose(image))
+        image.info[ORIGINAL_SIZE] = size
+        return image
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as error:
@@ -102,8 +119,8 @@ def preprocess(images: Sequence[ImageInput] | ImageInput, config: CaptionerConfi
     if isinstance(images, (Image.Image, str, os.PathLike, bytes, np.ndarray)):
         images = [images]
     side = config.image_size
-    batch = np.stack(
-        [np.asarray(load_image(im).resize((side, side), Image.Resampling.BICUBIC)) for im in images]
+    batch = np.stack(  # a large JPEG is decoded straight at a reduced scale that still covers S x S
+        [np.asarray(load_image(im, min_side=side).resize((side, side), Image.Resampling.BICUBIC)) for im in images]
     )  # (B, S, S, 3) uint8
     pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)

@@ -104,7 +104,12 @@ def test_client_api_lists_only_the_caption_endpoint(client):
 def test_health_names_the_model(server, tiny_checkpoint):
     response = httpx.get(server + "/health")
     assert response.status_code == 200
+    from caption_model.cpu.fast_mode import choose_fast_mode
+    from caption_model.cpu.features import describe_cpu
+
+    expected = choose_fast_mode("auto")  # what this CPU gets: int8-vnni with AVX512-VNNI, int8-avx2 elsewhere
     assert response.json() == {"status": "ok", "model": tiny_checkpoint, "precision": "int8",
+                               "fast_mode": {"mode": expected.mode, "reason": expected.reason, "cpu": describe_cpu()},
                                "threads": torch.get_num_threads()}
 
 
@@ -184,6 +189,25 @@ def test_handler_captions_any_readable_image(ui, files, name, captioner):
     assert max(state.image.size) <= app.DISPLAY_MAX_SIDE and state.attention.shape[0] == len(state.words)
     again = ui.stored_result(str(files[name]), data)  # no remembered copy left: decoded again, same picture
     assert again.image.size == state.image.size
+
+
+def test_a_phone_sized_jpeg_reports_its_own_size_and_is_drawn_small(ui, server, captioner, tmp_path):
+    """A 12 MP, EXIF-rotated JPEG: decoded at reduced scale (draft mode), yet the JSON and its cell geometry are in
+    the file's own upright pixels; the display copy stays small; /predict captions the same file."""
+    stored = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)).resize((4032, 3024))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait: 3024 x 4032
+    path = tmp_path / "phone.jpg"
+    stored.save(path, quality=90, exif=exif.tobytes())
+    text, data = ui.caption(str(path), "greedy", 1, 20, 1.0)
+    assert data["image_size"] == [3024, 4032]
+    geometry = data["cell_geometry"]
+    assert 0 < geometry["cell_centres_x"][0] < geometry["cell_centres_x"][-1] < 3024
+    assert 0 < geometry["cell_centres_y"][0] < geometry["cell_centres_y"][-1] < 4032
+    state = ui.stored_result(str(path), data)
+    assert max(state.image.size) == app.DISPLAY_MAX_SIDE and state.image.height > state.image.width
+    response = httpx.post(server + "/predict", files={"image": ("phone.jpg", path.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200 and response.json()["caption"] == captioner.caption(path, num_beams=1).text
 
 
 @pytest.mark.parametrize("name", list(bad_files()))
@@ -387,8 +411,12 @@ def test_app_serves_the_fast_mode_unless_fp32_is_asked(tiny_checkpoint):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     quantized = serving.load_captioner(tiny_checkpoint)
-    exact = serving.load_captioner(tiny_checkpoint, int8=False)
+    exact = serving.load_captioner(tiny_checkpoint, precision="fp32")
+    forced = serving.load_captioner(tiny_checkpoint, precision="int8-avx2")
     assert quantized.quantized and not exact.quantized
+    assert forced.fast_mode == "int8-avx2" and forced.fast_mode_reason == "asked for"
+    with pytest.raises(serving.ModelLoadError, match="precision must be one of auto, int8, int8-vnni"):
+        serving.load_captioner(tiny_checkpoint, precision="int4")
     assert any(isinstance(m, DynamicLinear) for m in quantized.decoder.modules())
     assert not any(isinstance(m, DynamicLinear) for m in exact.decoder.modules())
     image = ROOT / "examples" / "shapes_24.png"
@@ -453,7 +481,8 @@ def test_main_sets_threads_warms_up_and_serves(tiny_checkpoint, monkeypatch):
         assert warmed == [[1, 3]] and served["port"] == 7999
         with serve(served["app"]) as url:
             health = httpx.get(url + "/health").json()
-        assert health == {"status": "ok", "model": tiny_checkpoint, "precision": "fp32", "threads": 1}
+        assert health["precision"] == "fp32" and health["threads"] == 1 and health["model"] == tiny_checkpoint
+        assert health["fast_mode"]["mode"] == "fp32" and health["fast_mode"]["reason"].startswith("asked for")
     finally:
         torch.set_num_threads(threads)
 
@@ -476,7 +505,7 @@ def test_serving_on_a_gpu_captions_in_half_precision(tiny_checkpoint):
     assert service.precision == "fp16" and service.captioner.device.type == "cuda"
     serving.warm_up(service.captioner)
     _, caption = service.caption(ROOT / "examples" / "shapes_9.png", 3)
-    reference = serving.load_captioner(tiny_checkpoint, int8=False).caption(ROOT / "examples" / "shapes_9.png")
+    reference = serving.load_captioner(tiny_checkpoint, precision="fp32").caption(ROOT / "examples" / "shapes_9.png")
     assert caption.words and np.allclose(caption.attention.sum(axis=(1, 2)), 1.0, atol=1e-3)
     if caption.words == reference.words:  # fp16 may flip a near-tie of this tiny model; then only sanity holds
         assert caption.score == pytest.approx(reference.score, abs=0.05)

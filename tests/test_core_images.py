@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from caption_model.heatmap import overlay
-from caption_model.processing import load_image
+from caption_model.processing import load_image, original_size
 
 RED = (220, 40, 40)
 BLUE = (40, 80, 220)
@@ -69,6 +69,46 @@ def test_caption_model_sees_the_upright_image(tiny_trained_captioner, tmp_path):
     cap = model.caption(rotated_path, num_beams=1, max_length=8)
     assert cap.attention.shape == (len(cap.words), *model.grid_size)
     assert cap.token_ids == model.caption(load_image(rotated_path), num_beams=1, max_length=8).token_ids
+
+
+# --- large JPEGs: decoded at reduced scale ---------------------------------------------------------------------
+def _large_rotated_jpeg(path, size=(2400, 1600)):
+    """A landscape-stored JPEG with EXIF orientation 6 (upright it is portrait: 1600 x 2400): left half red,
+    right half blue as stored."""
+    stored = Image.new("RGB", size, BLUE)
+    stored.paste(RED, (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, quality=90, exif=exif.tobytes())
+    return stored.transpose(Image.Transpose.ROTATE_270)  # what the viewer shows
+
+
+def test_a_large_jpeg_is_decoded_only_as_large_as_asked(tmp_path):
+    """min_side: JPEG draft mode decodes at 1/2^k scale with both sides still >= min_side; upright; the file's
+    own size stays known."""
+    upright = _large_rotated_jpeg(tmp_path / "big.jpg")
+    full = load_image(tmp_path / "big.jpg")
+    assert full.size == upright.size == original_size(full) == (1600, 2400)
+    for min_side, expected in [(190, (200, 300)), (224, (400, 600)), (400, (400, 600)), (768, (800, 1200))]:
+        small = load_image(tmp_path / "big.jpg", min_side=min_side)
+        assert small.size == expected and min(small.size) >= min_side
+        assert original_size(small) == (1600, 2400)  # upright: width and height swapped by the EXIF turn
+        assert _close(small.getpixel((small.width // 2, 3)), RED) and _close(small.getpixel((small.width // 2,
+                                                                                              small.height - 4)), BLUE)
+    png = tmp_path / "big.png"  # other formats decode whole, as before
+    upright.save(png)
+    assert load_image(png, min_side=224).size == (1600, 2400)
+
+
+def test_preprocessing_a_large_jpeg_matches_the_full_decode(tiny_trained_captioner, tmp_path):
+    """The model reads nearly the same pixels from the reduced decode as from the whole image, so captions keep."""
+    rng = np.random.default_rng(0)
+    texture = Image.fromarray((rng.random((150, 200, 3)) * 255).astype(np.uint8)).resize((3200, 2400))
+    texture.save(tmp_path / "photo.jpg", quality=92)
+    model = tiny_trained_captioner
+    reduced = model.preprocess([tmp_path / "photo.jpg"])[0]
+    whole = model.preprocess([load_image(tmp_path / "photo.jpg")])[0]  # a PIL image: decoded in full
+    assert (reduced - whole).abs().mean() < 0.05  # normalised units (one grey level ~ 0.017)
 
 
 # --- modes -> RGB ----------------------------------------------------------------------------------------------

@@ -3,10 +3,15 @@ can force each branch (an AVX2-only EPYC, an AMX Xeon, an ARM laptop) on any mac
 
 from __future__ import annotations
 
+import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+# The flags shown with benchmark figures: what decides the fast mode's kernels and the encoder's speed
+REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                  "amx_int8", "asimd", "asimddp")
 
 
 def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset[str]:
@@ -23,9 +28,37 @@ def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset[str]:
     return frozenset()
 
 
+def usable_flags(flags: frozenset[str] | None = None, environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+    """The flags torch's kernels may use: `flags` (default: this CPU's) less AVX-512 and AMX where the process caps
+    torch at AVX2 (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 or ATEN_CPU_CAPABILITY=avx2/default), so an AVX2-only CPU can
+    be emulated on an AVX-512 one and the fast mode chooses as it would there."""
+    flags = cpu_flags() if flags is None else flags
+    capped = (environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() == "AVX2"
+              or environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"))
+    if not capped:
+        return flags
+    return frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+
+
+def describe_cpu(flags: frozenset[str] | None = None, cpuinfo: str | Path = CPUINFO) -> str:
+    """"<model name> [flags that matter here]" for benchmark output and /health."""
+    flags = usable_flags(flags)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+                break
+    except OSError:
+        pass
+    return f"{model} [{' '.join(f for f in REPORTED_FLAGS if f in flags) or 'no SIMD flags read'}]"
+
+
 def has_vnni(flags: frozenset[str]) -> bool:
-    """int8 dot products that accumulate in int32 (AVX512-VNNI or AVX-VNNI): 8-bit activations cannot saturate."""
-    return bool({"avx512_vnni", "avx_vnni"} & flags)
+    """AVX512-VNNI: fbgemm's int8 products accumulate straight into int32, so 8-bit weights x 8-bit activations
+    cannot saturate. (AVX-VNNI without AVX-512 does not count: fbgemm runs its AVX2 kernels there.)"""
+    return "avx512_vnni" in flags
 
 
 def has_native_bf16(flags: frozenset[str]) -> bool:

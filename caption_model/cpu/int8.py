@@ -1,17 +1,25 @@
-"""The decoder's per-token weights as int8 (dynamic quantisation: int8 weights, activations quantised per call).
+"""The decoder's per-token weights in low precision: int8 for the bulk, fp16 for the layers that pick the word.
 
-Every BERT Linear and the fusion MLP are swapped for int8 linears in place; the fast step also gets a fused q/k/v
-projection per layer and an int8 copy of the tied output projection (StepKernels). The additive attention (the
-heatmap) and the once-per-image parts stay fp32.
+Every BERT Linear becomes a dynamic int8 linear (int8 weights, one scale per output row; activations quantised to
+8 bits per call). The layers whose outputs decide between close words, the tied vocabulary projection and the
+fusion MLP, keep fp16 weights (fbgemm's fp16 GEMM, fp32 activations): int8 there flips a few percent of captions
+(benchmarks/int8_quality.py). The additive attention (the heatmap) and the once-per-image parts stay fp32.
 
-torch announced `torch.ao.quantization` for removal (its successor is torchao); `_torch_dynamic_quantization` is
-the one place that touches it, and tests/test_fast_inference.py fails loudly the day it is gone.
+Weight bits: with AVX512-VNNI, u8 x s8 products accumulate straight into int32, so weights use all 8 bits. Without
+it (AVX2, AVX-512 without VNNI) fbgemm sums pairs of products in int16 first (vpmaddubsw), which saturates for
+8-bit activations x 8-bit weights; 7-bit weights (|w| <= 64) keep 2 x 255 x 64 < 2^15, so activations keep their
+8 bits (the activations carry BERT's outliers: their precision matters more than the weights', which have a scale
+per row).
+
+torch announced `torch.ao.quantization` and the fbgemm fp16 ops for removal (the successor is torchao);
+`_torch_low_precision_ops` is the one place that touches them, and tests/test_fast_inference.py fails loudly the
+day they are gone.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,47 +27,89 @@ from torch import nn
 from ..cached_step import Fn, StepKernels
 from ..modeling import FusionDecoder
 
+# fbgemm's fp16 ops say "deprecated" (C++ TORCH_WARN) on their first call; the notice is for us, not for users
+warnings.filterwarnings("ignore", message=r"fbgemm_.*is deprecated", category=UserWarning)
 
-def _torch_dynamic_quantization():
-    """(quantize_dynamic, per_channel_dynamic_qconfig, the dynamic int8 Linear class) from torch.ao."""
+VNNI_WEIGHT_BITS = 8
+NO_VNNI_WEIGHT_BITS = 7
+
+
+def _torch_low_precision_ops() -> dict[str, Any]:
+    """torch's deprecated int8 / fp16 linear API in one place: the dynamic int8 Linear class, quantize_dynamic,
+    its qconfig parts, and fbgemm's fp16-weight pack and GEMM."""
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    return quantize_dynamic, per_channel_dynamic_qconfig, DynamicLinear
+        from torch.ao.quantization import PerChannelMinMaxObserver, PlaceholderObserver, QConfig, quantize_dynamic
+    return {"DynamicLinear": DynamicLinear, "quantize_dynamic": quantize_dynamic, "QConfig": QConfig,
+            "PerChannelMinMaxObserver": PerChannelMinMaxObserver, "PlaceholderObserver": PlaceholderObserver,
+            "pack_fp16": torch.fbgemm_pack_gemm_matrix_fp16,
+            "linear_fp16": torch.fbgemm_linear_fp16_weight_fp32_activation}
 
 
-@functools.cache
-def int8_linear_class(full_range: bool) -> type:
-    """torch's dynamic int8 Linear that can hand out its computation as a plain function. full_range: 8-bit
-    activations, safe only with VNNI (int32 accumulation); without it torch keeps 7 bits ("reduce_range") so
-    that older int8 instructions cannot saturate."""
-    _, _, DynamicLinear = _torch_dynamic_quantization()
-    reduce_range = not full_range
+def int8_qconfig(weight_bits: int):
+    """Per-row symmetric int8 weights in [-2^(bits-1), 2^(bits-1) - 1]; 8-bit dynamic activations."""
+    ops = _torch_low_precision_ops()
+    limit = 2 ** (weight_bits - 1)
+    weight = ops["PerChannelMinMaxObserver"].with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-limit, quant_max=limit - 1)
+    activation = ops["PlaceholderObserver"].with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
+    return ops["QConfig"](activation=activation, weight=weight)
+
+
+def _int8_linear_class() -> type:
+    """torch's dynamic int8 Linear with full 8-bit activations that can hand out its computation as a function."""
+    DynamicLinear = _torch_low_precision_ops()["DynamicLinear"]
 
     class Int8Linear(DynamicLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=reduce_range)
+            return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
 
         def functional(self) -> Fn:
             """This layer as a plain function, fp32 in and out (what the cached decoding step calls)."""
             packed, linear = self._packed_params._packed_params, torch.ops.quantized.linear_dynamic
-            return lambda x: linear(x, packed, reduce_range=reduce_range)
+            return lambda x: linear(x, packed, reduce_range=False)
 
-    Int8Linear.__name__ = Int8Linear.__qualname__ = "Int8Linear" + ("" if full_range else "ReducedRange")
     return Int8Linear
 
 
-def quantize_decoder(decoder: FusionDecoder, full_range: bool) -> StepKernels:
-    """In place: the decoder's per-token Linear layers become int8. Returns the int8 kernels of the fast step."""
-    quantize_dynamic, qconfig, _ = _torch_dynamic_quantization()
-    spec = {nn.Linear: qconfig}  # one scale per output row: closer to fp32 than one per tensor
-    mapping = {nn.Linear: int8_linear_class(full_range)}
+class Fp16Linear(nn.Module):
+    """A Linear with fp16 weights (fbgemm's packed fp16 GEMM), fp32 in and out."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        ops = _torch_low_precision_ops()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._packed = ops["pack_fp16"](weight.detach().float().contiguous())  # (out, in) as fp16, packed
+        self._bias = bias.detach().float().clone()
+        self._linear = ops["linear_fp16"]
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self._packed, self._bias)
+
+    def functional(self) -> Fn:
+        linear, packed, bias = self._linear, self._packed, self._bias
+        return lambda x: linear(x, packed, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16"
+
+
+def quantize_decoder(decoder: FusionDecoder, weight_bits: int = VNNI_WEIGHT_BITS) -> StepKernels:
+    """In place: the decoder's BERT Linear layers become int8 (`weight_bits` 8 with VNNI, 7 without), the fusion
+    MLP's fp16. Returns the kernels of the fast step: fused int8 q/k/v per layer and the fp16 vocabulary projection."""
+    if weight_bits not in (VNNI_WEIGHT_BITS, NO_VNNI_WEIGHT_BITS):
+        raise ValueError(f"weight_bits must be 8 (VNNI) or 7 (no VNNI), got {weight_bits}")
+    ops = _torch_low_precision_ops()
+    spec, mapping = {nn.Linear: int8_qconfig(weight_bits)}, {nn.Linear: _int8_linear_class()}
+    quantize = ops["quantize_dynamic"]
 
     def int8_copy(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
         linear = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
         linear.weight, linear.bias = nn.Parameter(weight.detach().clone()), nn.Parameter(bias.detach().clone())
-        return quantize_dynamic(nn.Sequential(linear), spec, mapping=mapping)[0]
+        return quantize(nn.Sequential(linear), spec, mapping=mapping)[0]
 
     with warnings.catch_warnings():  # torch.ao's deprecation notices, once per quantised layer
         warnings.simplefilter("ignore")
@@ -69,7 +119,9 @@ def quantize_decoder(decoder: FusionDecoder, full_range: bool) -> StepKernels:
             stacked = int8_copy(torch.cat([a.query.weight, a.key.weight, a.value.weight]),
                                 torch.cat([a.query.bias, a.key.bias, a.value.bias]))
             qkv.append(stacked.functional())  # per-row scales: the same numbers as three separate calls
-        vocab = int8_copy(decoder.bert.embeddings.word_embeddings.weight, decoder.output_bias)  # (V, D), tied
-        quantize_dynamic(decoder.bert.encoder, spec, mapping=mapping, inplace=True)
-        quantize_dynamic(decoder.head.fuse, spec, mapping=mapping, inplace=True)
+        vocab = Fp16Linear(decoder.bert.embeddings.word_embeddings.weight, decoder.output_bias)  # (V, D), tied
+        quantize(decoder.bert.encoder, spec, mapping=mapping, inplace=True)
+        for i, module in enumerate(decoder.head.fuse):
+            if isinstance(module, nn.Linear):
+                decoder.head.fuse[i] = Fp16Linear(module.weight, module.bias)
     return StepKernels(qkv=qkv, vocab_logits=vocab.functional())
