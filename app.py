@@ -99,7 +99,7 @@ class CaptionUI:
         with self._displays_lock:
             display = self._displays.pop(source, None) if isinstance(source, str) else None
         if display is None:  # a data URL, or evicted: decode again
-            display = load_image(source, min_side=DISPLAY_MAX_SIDE)
+            display = load_image(source, display_side=DISPLAY_MAX_SIDE)
             display.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BICUBIC)
         return display
 

@@ -209,8 +209,7 @@ class CaptionService:
         is decoded only as large as needed (a JPEG at reduced scale): the model's input side, or with
         `display_side` a copy at most that large for display, which the model then reads.
         `processing.original_size(picture)` is the file's own size."""
-        side = self.captioner.config.image_size
-        picture = load_image(image, min_side=max(side, display_side or 0))
+        picture = load_image(image, min_side=self.captioner.config.image_size, display_side=display_side)
         if display_side:
             picture.thumbnail((display_side, display_side), Image.Resampling.BICUBIC)  # in place, keeps .info
         with self._lock, half_precision_on_gpu(self.captioner):

@@ -12,9 +12,18 @@ Contenders, each asked for one image at a time (per-image latency) with exactly 
   2  ours without KV cache (`caption(..., use_cache=False)`: the whole prefix recomputed every step), fp32
   3  transformers VisionEncoderDecoderModel, ViT-B/16 + GPT-2 (the architecture of the most used captioning
      checkpoint), ViTImageProcessor + `generate()`; it does not detokenise, ours does (counted against us).
+  4  the same with its Linear layers dynamically quantised to int8, what a user tries first:
+     `torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` (ViT's Linears and the LM
+     head; GPT-2's blocks are transformers `Conv1D`, not `nn.Linear`, so that call leaves them fp32).
+Then the cost of a large input on every path (benchmarks/large_inputs.py): a 12 MP phone JPEG vs a 500 x 375
+one through the Python API, the app's handler, /predict's service call and the batch CLI's loading.
 All models have random weights (no network). Same caption length everywhere: ours never emits the end token
 because its output bias is set to -1e9 (one logit out of V; the vocabulary projection still runs in full), and
 HF gets min_new_tokens = max_new_tokens = 16. Every run checks that 16 tokens came out.
+
+The CPU's model and the flags that matter are printed first; the fast mode is the one the app picks on this CPU
+(int8-vnni / int8-avx2; AVX2 emulated on an AVX-512 CPU with FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, which the printed flags then reflect).
 
 Timing: after warm-up, the contenders are run in a shuffled order in every repetition (the machine is shared and
 noisy), and each figure is the median over the repetitions. Ratios are taken within this one run.
@@ -45,7 +54,9 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from caption_model.cpu.features import describe_cpu  # noqa: E402
 from caption_model.cpu.threads import available_cpus  # noqa: E402
+from large_inputs import large_input_overhead  # noqa: E402  (benchmarks/, beside this script)
 
 NEW_TOKENS = 16
 BATCH = 8
@@ -60,7 +71,9 @@ CONTENDERS = {
     "ours": "1f ours fp32: caption(), KV cache",
     "ours_nocache": "2  ours without KV cache, fp32",
     "hf": "3  HF ViT-B/16 + GPT-2 generate(), fp32",
+    "hf_int8": "4  HF, Linear layers dynamic int8",
 }
+HF_CONTENDERS = ("hf", "hf_int8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,8 +106,9 @@ def build_ours(preset: str, int8: bool = False, seed: int = 0):
     return model
 
 
-def build_hf():
-    """VisionEncoderDecoderModel with ViT-B/16 + GPT-2 (small) configs, random weights, and its image processor."""
+def build_hf(int8: bool = False):
+    """VisionEncoderDecoderModel with ViT-B/16 + GPT-2 (small) configs, random weights, and its image processor;
+    int8: its nn.Linear layers dynamically quantised, as a user would do it."""
     from transformers import (GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
                               VisionEncoderDecoderModel)
 
@@ -103,6 +117,10 @@ def build_hf():
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), gpt2)
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = 50256
     model = VisionEncoderDecoderModel(config=config).eval()
+    if int8:
+        from torch.ao.quantization import quantize_dynamic
+
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model, ViTImageProcessor()
 
 
@@ -130,8 +148,8 @@ def hf_call(model, processor, images, beams: int) -> Callable[[], None]:
 
 def make_call(name: str, models: dict, images, beams: int) -> Callable[[], None]:
     preset, contender = name.split(":")
-    if contender == "hf":
-        return hf_call(*models["hf"], images, beams)
+    if contender in HF_CONTENDERS:
+        return hf_call(*models[contender], images, beams)
     model = models[f"{preset}:ours_int8" if contender == "ours_int8" else f"{preset}:ours"]
     return ours_call(model, images, beams, use_cache=contender != "ours_nocache")
 
@@ -171,8 +189,8 @@ def _rss_child(name: str) -> None:
     preset, contender = name.split(":")
     images = test_images(1)
     models = {}
-    if contender == "hf":
-        models["hf"] = build_hf()
+    if contender in HF_CONTENDERS:
+        models[contender] = build_hf(int8=contender == "hf_int8")
     else:
         models[f"{preset}:ours_int8" if contender == "ours_int8" else f"{preset}:ours"] = build_ours(
             preset, int8=contender == "ours_int8")
@@ -216,6 +234,8 @@ def decoder_bytes_per_token(model) -> int:
     keys, the context-only head of the heatmaps)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+    from caption_model.cpu.int8 import Fp16Linear
+
     once = ("crossattention.self.key", "crossattention.self.value", "head.attention.key", "head.context_proj")
     total = 0
     for name, module in model.decoder.named_modules():
@@ -226,9 +246,11 @@ def decoder_bytes_per_token(model) -> int:
         elif isinstance(module, DynamicInt8Linear):  # int8 weights + fp32 bias
             weight, bias = module._weight_bias()
             total += weight.numel() + (bias.numel() * 4 if bias is not None else 0)
+        elif isinstance(module, Fp16Linear):  # fp16 weights + fp32 bias
+            total += module.in_features * module.out_features * 2 + module.out_features * 4
     V, D = model.decoder.bert.embeddings.word_embeddings.weight.shape
-    int8_vocab = getattr(model, "step_kernels", None) is not None and model.step_kernels.vocab_logits is not None
-    total += V * D + V * 4 if int8_vocab else V * D * 4  # the tied output projection (+ its fp32 bias when int8)
+    fast_vocab = getattr(model, "step_kernels", None) is not None and model.step_kernels.vocab_logits is not None
+    total += V * D * 2 + V * 4 if fast_vocab else V * D * 4  # the tied output projection (fp16 in the fast mode)
     return total
 
 
@@ -245,6 +267,7 @@ def main() -> None:
                         help="torch threads (default: what app.py uses, caption_model.cpu.threads.available_cpus())")
     parser.add_argument("--presets", default="full,flickr8k-small")
     parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--no-large-inputs", action="store_true", help="skip the 12 MP JPEG section")
     parser.add_argument("--encoder-bf16", action="store_true",
                         help="time contender 1 with quantize_int8(encoder_bf16=True): bf16 ResNet (AMX/AVX512-BF16)")
     parser.add_argument("--json-out", default=None, help="also write the JSON result to this file")
@@ -269,18 +292,21 @@ def main() -> None:
         if preset not in PRESETS:
             parser.error(f"unknown preset {preset!r}; expected some of {sorted(PRESETS)}")
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"# CPU: {describe_cpu()}", flush=True)
+    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {threads}, load average {os.getloadavg()[0]:.1f}, {NEW_TOKENS} new tokens, "
           f"median of {args.runs} interleaved runs after {args.warmup} warm-up", flush=True)
     build_start = time.perf_counter()
-    models: dict = {"hf": build_hf()}
+    models: dict = {"hf": build_hf(), "hf_int8": build_hf(int8=True)}
     for preset in presets:
         models[f"{preset}:ours"] = build_ours(preset)
         models[f"{preset}:ours_int8"] = build_ours(preset, int8=True)
-    encoder_dtype = str(models[f"{presets[0]}:ours_int8"].encoder.dtype).removeprefix("torch.")
-    print(f"# models built in {time.perf_counter() - build_start:.0f} s; fast mode ResNet in {encoder_dtype}", flush=True)
+    fast = models[f"{presets[0]}:ours_int8"]
+    encoder_dtype = str(fast.encoder.dtype).removeprefix("torch.")
+    print(f"# models built in {time.perf_counter() - build_start:.0f} s; fast mode {fast.fast_mode} "
+          f"({fast.fast_mode_reason}), ResNet in {encoder_dtype}", flush=True)
 
-    names = [f"{p}:{c}" for p in presets for c in ("ours", "ours_int8", "ours_nocache")] + ["all:hf"]
+    names = [f"{p}:{c}" for p in presets for c in ("ours", "ours_int8", "ours_nocache")] + ["all:hf", "all:hf_int8"]
     one = test_images(1)
     batch = test_images(BATCH)
     # Greedy and beam-3 jobs of every contender share one interleaved loop, so a load change on the shared machine
@@ -289,7 +315,7 @@ def main() -> None:
                           args.runs, args.warmup, seed=1)
     latency = {beams: {name: seconds[name, beams] for name in names} for beams in (1, 3)}
     print("# per-image latency: done", flush=True)
-    batch_names = [f"{p}:{c}" for p in presets for c in ("ours", "ours_int8")] + ["all:hf"]
+    batch_names = [f"{p}:{c}" for p in presets for c in ("ours", "ours_int8")] + ["all:hf", "all:hf_int8"]
     seconds = interleaved({(name, beams): make_call(name, models, batch, beams) for beams in (1, 3)
                            for name in batch_names}, batch_runs, 1, seed=2)
     throughput = {beams: {name: BATCH / seconds[name, beams] for name in batch_names} for beams in (1, 3)}
@@ -302,15 +328,19 @@ def main() -> None:
     bandwidth = memory_bandwidth_gbs()
     result = {"threads": threads, "new_tokens": NEW_TOKENS, "runs": args.runs, "batch": BATCH,
               "load_average": round(os.getloadavg()[0], 2), "copy_bandwidth_gbs": round(bandwidth, 2),
-              "fast_mode_encoder_dtype": encoder_dtype, "presets": {}}
+              "cpu": describe_cpu(), "fast_mode": fast.fast_mode, "fast_mode_encoder_dtype": encoder_dtype,
+              "presets": {}}
     for preset in presets:
         rows = {}
         hf_greedy, hf_beam = latency[1]["all:hf"], latency[3]["all:hf"]
-        for contender in ("ours_int8", "ours", "ours_nocache", "hf"):
-            name = "all:hf" if contender == "hf" else f"{preset}:{contender}"
+        q_greedy, q_beam = latency[1]["all:hf_int8"], latency[3]["all:hf_int8"]
+        for contender in ("ours_int8", "ours", "ours_nocache") + HF_CONTENDERS:
+            name = f"all:{contender}" if contender in HF_CONTENDERS else f"{preset}:{contender}"
             row = {
                 "greedy_ms": 1000 * latency[1][name], "beam3_ms": 1000 * latency[3][name],
                 "greedy_speedup_vs_hf": hf_greedy / latency[1][name], "beam3_speedup_vs_hf": hf_beam / latency[3][name],
+                "greedy_speedup_vs_hf_int8": q_greedy / latency[1][name],
+                "beam3_speedup_vs_hf_int8": q_beam / latency[3][name],
             }
             if name in throughput[1]:
                 row["batch8_greedy_img_s"] = throughput[1][name]
@@ -330,6 +360,9 @@ def main() -> None:
                                              "int8": 1000 * int8_bytes / (bandwidth * 1e9)},
         }
         print_table(preset, rows, result["presets"][preset], bandwidth)
+    if not args.no_large_inputs:
+        print(f"\n## large inputs: {presets[0]} fast mode, greedy, {args.runs} interleaved runs", flush=True)
+        result["large_inputs"] = large_input_overhead(fast, runs=args.runs)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     print(json.dumps(_rounded(result)))
@@ -340,20 +373,21 @@ def print_table(preset: str, rows: dict, info: dict, bandwidth: float) -> None:
     print(f"\n## {preset}: ResNet-50 layer4 @224 + BERT decoder {shape['num_hidden_layers']}x{shape['hidden_size']} "
           f"(ffn {shape['intermediate_size']}), vocab 30522; contender 3 is the same in both tables")
     header = (f"{'contender':44s} {'greedy ms':>10s} {'beam3 ms':>10s} {'greedy x3':>9s} {'beam3 x3':>9s} "
-              f"{'vs no-cache':>11s} {'b8 greedy/s':>11s} {'b8 beam3/s':>10s} {'peak RSS MB':>11s}")
+              f"{'greedy x4':>9s} {'vs no-cache':>11s} {'b8 greedy/s':>11s} {'b8 beam3/s':>10s} {'peak RSS MB':>11s}")
     print(header)
     print("-" * len(header))
     for contender, row in rows.items():
         nocache = (f"{row['greedy_speedup_vs_nocache']:.2f}/{row['beam3_speedup_vs_nocache']:.2f}"
                    if "greedy_speedup_vs_nocache" in row else "")
         print(f"{CONTENDERS[contender]:44s} {row['greedy_ms']:10.0f} {row['beam3_ms']:10.0f} "
-              f"{row['greedy_speedup_vs_hf']:9.2f} {row['beam3_speedup_vs_hf']:9.2f} {nocache:>11s} "
+              f"{row['greedy_speedup_vs_hf']:9.2f} {row['beam3_speedup_vs_hf']:9.2f} "
+              f"{row['greedy_speedup_vs_hf_int8']:9.2f} {nocache:>11s} "
               f"{_fmt(row.get('batch8_greedy_img_s'), 11, 2)} {_fmt(row.get('batch8_beam3_img_s'), 10, 2)} "
               f"{_fmt(row.get('peak_rss_mb'), 11, 0)}")
     mb = info["decoder_weight_mb_per_token"]
     bound = info["bandwidth_bound_ms_per_token"]
-    print(f"x3 = contender 3 time / this time; vs no-cache = contender 2 time / this time (greedy/beam3). "
-          f"Decoder weights read per token: fp32 {mb['fp32']:.0f} MB, int8 {mb['int8']:.0f} MB; at the measured "
+    print(f"x3 = contender 3 time / this time; x4 = contender 4 time / this time; vs no-cache = contender 2 time / this time (greedy/beam3). "
+          f"Decoder weights read per token: fp32 {mb['fp32']:.0f} MB, fast mode (int8 + fp16) {mb['int8']:.0f} MB; at the measured "
           f"{bandwidth:.1f} GB/s (numpy copy, bytes read + written per s) that is >= {bound['fp32']:.1f} ms "
           f"(fp32) / {bound['int8']:.1f} ms (int8) per token, x{NEW_TOKENS} = {NEW_TOKENS * bound['fp32']:.0f} / "
           f"{NEW_TOKENS * bound['int8']:.0f} ms per greedy caption.")

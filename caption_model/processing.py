@@ -4,6 +4,7 @@ normalised pixel tensor the encoder reads."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from typing import Sequence, Union
@@ -75,12 +76,13 @@ def original_size(image: Image.Image) -> tuple[int, int]:
     return tuple(image.info.get(ORIGINAL_SIZE, image.size))
 
 
-def load_image(source: ImageInput, min_side: int | None = None) -> Image.Image:
+def load_image(source: ImageInput, min_side: int | None = None, display_side: int | None = None) -> Image.Image:
     """Open `source` as an upright RGB PIL image (EXIF orientation applied; first frame of animations).
 
-    min_side: both sides of the result may be as small as this (not smaller): a JPEG is then decoded at 1/2, 1/4
-    or 1/8 scale where that still covers it (PIL's draft mode, the decoder skips the detail), so a 12 MP photo
-    costs little more than a small one. `original_size(image)` gives the full (W, H) either way.
+    The result may be smaller than the file when asked, never smaller than asked: both sides >= `min_side` (what
+    the model resizes to S x S) and the longer side >= `display_side` (a display copy). A JPEG is then decoded at
+    1/2, 1/4 or 1/8 scale (PIL's draft mode: the decoder skips the detail), so a 12 MP photo costs little more
+    than a small one. `original_size(image)` gives the file's full upright (W, H) either way.
     Raises ImageLoadError (a ValueError) for a file that is not an image, a truncated image or a decompression bomb.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the input"
@@ -95,8 +97,10 @@ def load_image(source: ImageInput, min_side: int | None = None) -> Image.Image:
             image.seek(0)
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         size = (height, width) if orientation in _SWAPS_AXES else (width, height)  # upright
-        if min_side and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
-            image.draft(image.mode, (min_side, min_side))  # the largest 1/2^k scale with both sides >= min_side
+        if (min_side or display_side) and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            fit = (display_side or 0) / max(width, height)  # the display copy needs only its longer side
+            need = (max(min_side or 0, math.ceil(width * fit)), max(min_side or 0, math.ceil(height * fit)))
+            image.draft(image.mode, need)  # the smallest 1/2^k scale still >= need in both sides
         image.load()
         image = _to_rgb(ImageOps.exif_transpose(image))
         image.info[ORIGINAL_SIZE] = size

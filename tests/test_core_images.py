@@ -95,6 +95,8 @@ def test_a_large_jpeg_is_decoded_only_as_large_as_asked(tmp_path):
         assert original_size(small) == (1600, 2400)  # upright: width and height swapped by the EXIF turn
         assert _close(small.getpixel((small.width // 2, 3)), RED) and _close(small.getpixel((small.width // 2,
                                                                                               small.height - 4)), BLUE)
+    display = load_image(tmp_path / "big.jpg", min_side=64, display_side=500)  # the longer side >= 500
+    assert display.size == (400, 600) and original_size(display) == (1600, 2400)
     png = tmp_path / "big.png"  # other formats decode whole, as before
     upright.save(png)
     assert load_image(png, min_side=224).size == (1600, 2400)
