@@ -250,7 +250,7 @@ def decoder_bytes_per_token(model) -> int:
             total += module.in_features * module.out_features * 2 + module.out_features * 4
     V, D = model.decoder.bert.embeddings.word_embeddings.weight.shape
     fast_vocab = getattr(model, "step_kernels", None) is not None and model.step_kernels.vocab_logits is not None
-    total += V * D * 2 + V * 4 if fast_vocab else V * D * 4  # the tied output projection (fp16 in the fast mode)
+    total += V * D + V * 4 if fast_vocab else V * D * 4  # the tied output projection (int8 + fp32 bias when fast)
     return total
 
 

@@ -121,3 +121,37 @@ def test_on_arm_the_fast_mode_stays_fp32_with_one_warning(tiny_trained_captioner
     assert not model.quantized and model.step_kernels is None  # nothing half-converted
     image = shapes_images(1, seed=5)[0]
     assert model.caption(image, num_beams=1).text == tiny_trained_captioner.caption(image, num_beams=1).text
+
+
+AVX2_ONLY = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AGREEMENT_SCRIPT = """
+import json, sys
+import numpy as np
+from caption_model import ImageCaptioner
+from caption_model.training.shapes import generate_shapes_example
+rng = np.random.default_rng(4242)
+images = [generate_shapes_example(rng).image for _ in range(24)]
+fp32 = ImageCaptioner.from_pretrained(sys.argv[1]).eval()
+fast = ImageCaptioner.from_pretrained(sys.argv[1]).quantize_int8()
+same = [a.text == b.text for a, b in zip(fp32.caption_batch(images, num_beams=1, max_length=20),
+                                         fast.caption_batch(images, num_beams=1, max_length=20))]
+print(json.dumps({"mode": fast.fast_mode, "identical": float(np.mean(same))}))
+"""
+
+
+@pytest.mark.skipif(not is_x86() or "avx2" not in cpu_flags(),
+                    reason="needs an x86-64 CPU with AVX2 (fbgemm's AVX2 kernels)")
+def test_on_fbgemms_real_avx2_kernels_auto_picks_int8_avx2_and_keeps_the_captions(tiny_checkpoint):
+    """A process capped at AVX2 (as an AVX2-only EPYC runs; fbgemm really switches kernels) chooses int8-avx2 by
+    itself and its captions agree with fp32: the 7-bit weights do not saturate AVX2's 16-bit pair sums."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AGREEMENT_SCRIPT, tiny_checkpoint], capture_output=True, text=True,
+                          env={**os.environ, **AVX2_ONLY, "HF_HUB_OFFLINE": "1"}, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "int8-avx2" and result["identical"] >= 0.9

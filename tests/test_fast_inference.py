@@ -102,12 +102,15 @@ def test_quantize_int8_quantizes_the_per_token_weights(tiny_trained_captioner, i
     assert len(int8) == len(fp32_linears) > 0
     # the fusion MLP, which picks between close words, keeps fp16 weights
     assert [type(m).__name__ for m in decoder.head.fuse] == ["Fp16Linear", "GELU", "LayerNorm"]
-    # the step's kernels: the tied output projection (fp16) and one fused int8 q/k/v per layer, close to fp32
+    # the step's kernels: the tied output projection (int8, refined) and one fused int8 q/k/v per layer
     kernels, fp32 = int8_captioner.step_kernels, tiny_trained_captioner.decoder
     x = torch.randn(5, 1, fp32.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = fp32.vocab_logits(x)
-        assert (kernels.vocab_logits(x) - reference).norm() / reference.norm() < 2e-3  # fp16 weights
+        logits = kernels.vocab_logits(x[:, 0])  # (5, V): int8, the best candidates recomputed in fp32
+        top = logits.topk(8, dim=-1).indices
+        torch.testing.assert_close(logits.gather(-1, top), reference[:, 0].gather(-1, top), atol=1e-4, rtol=1e-4)
+        assert (logits - reference[:, 0]).norm() / reference.norm() < 0.05  # the rest: int8
         assert len(kernels.qkv) == fp32.config.num_hidden_layers
         a = fp32.bert.encoder.layer[1].attention.self
         reference = torch.cat([a.query(x), a.key(x), a.value(x)], dim=-1)  # (5, 1, 3D)

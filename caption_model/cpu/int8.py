@@ -1,9 +1,10 @@
-"""The decoder's per-token weights in low precision: int8 for the bulk, fp16 for the layers that pick the word.
+"""The decoder's per-token weights in low precision: int8 for the bulk, exact where the word is chosen.
 
 Every BERT Linear becomes a dynamic int8 linear (int8 weights, one scale per output row; activations quantised to
-8 bits per call). The layers whose outputs decide between close words, the tied vocabulary projection and the
-fusion MLP, keep fp16 weights (fbgemm's fp16 GEMM, fp32 activations): int8 there flips a few percent of captions
-(benchmarks/int8_quality.py). The additive attention (the heatmap) and the once-per-image parts stay fp32.
+8 bits per call). Where outputs decide between close words, int8 alone flips a few percent of captions
+(benchmarks/int8_quality.py), so: the tied vocabulary projection runs in int8 and then recomputes its best
+candidates' logits in fp32 (`refined_vocab_logits`), and the small fusion MLP keeps fp16 weights (fbgemm's fp16
+GEMM, fp32 activations). The additive attention (the heatmap) and the once-per-image parts stay fp32.
 
 Weight bits: with AVX512-VNNI, u8 x s8 products accumulate straight into int32, so weights use all 8 bits. Without
 it (AVX2, AVX-512 without VNNI) fbgemm sums pairs of products in int16 first (vpmaddubsw), which saturates for
@@ -31,6 +32,7 @@ from ..modeling import FusionDecoder
 warnings.filterwarnings("ignore", message=r"fbgemm_.*is deprecated", category=UserWarning)
 
 VNNI_WEIGHT_BITS = 8
+REFINED_WORDS = 8  # candidates per row whose logits the fast mode recomputes in fp32
 NO_VNNI_WEIGHT_BITS = 7
 
 
@@ -97,6 +99,19 @@ class Fp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16"
 
 
+def refined_vocab_logits(approximate: Fn, weight: torch.Tensor, bias: torch.Tensor, k: int = REFINED_WORDS) -> Fn:
+    """Logits over the vocabulary from the int8 projection, the `k` largest per row recomputed in fp32 from the
+    model's own (tied, kept anyway) weights: the words decoding chooses between score as in fp32, the rest only
+    enter the softmax's normaliser. Costs k dot products per row; reads a quarter of fp32's bytes."""
+    def logits(x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, V)
+        out = approximate(x)
+        top = out.topk(k, dim=-1).indices  # (N, k)
+        exact = torch.einsum("nd,nkd->nk", x, weight[top]) + bias[top]  # (N, k): fp32 logits of the candidates
+        return out.scatter_(-1, top, exact)
+
+    return logits
+
+
 def quantize_decoder(decoder: FusionDecoder, weight_bits: int = VNNI_WEIGHT_BITS) -> StepKernels:
     """In place: the decoder's BERT Linear layers become int8 (`weight_bits` 8 with VNNI, 7 without), the fusion
     MLP's fp16. Returns the kernels of the fast step: fused int8 q/k/v per layer and the fp16 vocabulary projection."""
@@ -119,9 +134,11 @@ def quantize_decoder(decoder: FusionDecoder, weight_bits: int = VNNI_WEIGHT_BITS
             stacked = int8_copy(torch.cat([a.query.weight, a.key.weight, a.value.weight]),
                                 torch.cat([a.query.bias, a.key.bias, a.value.bias]))
             qkv.append(stacked.functional())  # per-row scales: the same numbers as three separate calls
-        vocab = Fp16Linear(decoder.bert.embeddings.word_embeddings.weight, decoder.output_bias)  # (V, D), tied
+        embeddings = decoder.bert.embeddings.word_embeddings.weight  # (V, D), tied to the output projection
+        vocab = refined_vocab_logits(int8_copy(embeddings, decoder.output_bias).functional(), embeddings,
+                                     decoder.output_bias)
         quantize(decoder.bert.encoder, spec, mapping=mapping, inplace=True)
         for i, module in enumerate(decoder.head.fuse):
             if isinstance(module, nn.Linear):
                 decoder.head.fuse[i] = Fp16Linear(module.weight, module.bias)
-    return StepKernels(qkv=qkv, vocab_logits=vocab.functional())
+    return StepKernels(qkv=qkv, vocab_logits=vocab)
