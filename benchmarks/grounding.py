@@ -32,14 +32,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from caption_model import ImageCaptioner  # noqa: E402
 from caption_model.cpu.features import describe_cpu  # noqa: E402
 from caption_model.training.metrics import shapes_scores  # noqa: E402
-from caption_model.training.shapes import generate_shapes_example  # noqa: E402
-from shapes_cli import shapes_checkpoint_parser  # noqa: E402  (benchmarks/, beside this script)
+from shapes_cli import shapes_checkpoint_parser, shapes_test_set  # noqa: E402  (benchmarks/, beside this script)
 
 DEFAULT_SEED = 20261122  # a stream training never draws from (module docstring)
 KINDS = ("colour", "shape")
@@ -117,11 +115,7 @@ def main() -> int:
     print(f"# CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# {args.checkpoint}: map {args.map}, input {model.config.image_size} px, grid {model.config.grid_size}; "
           f"{args.images} images, seed {args.seed}")
-    rng = np.random.default_rng(args.seed)
-    examples = [generate_shapes_example(rng) for _ in range(args.images)]
-    images = [ex.image for ex in examples]
-    objects = [ex.objects for ex in examples]
-    sizes = [ex.image.size for ex in examples]
+    images, objects, sizes = shapes_test_set(args.images, args.seed)
 
     result = {"checkpoint": str(args.checkpoint), "map": args.map, "images": args.images, "seed": args.seed,
               "cpu": cpu, "modes": {}}

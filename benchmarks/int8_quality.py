@@ -32,8 +32,7 @@ from caption_model import ImageCaptioner  # noqa: E402
 from caption_model.cpu.fast_mode import REQUESTS  # noqa: E402
 from caption_model.cpu.features import describe_cpu  # noqa: E402
 from caption_model.training.metrics import shapes_scores  # noqa: E402
-from caption_model.training.shapes import generate_shapes_example  # noqa: E402
-from shapes_cli import shapes_checkpoint_parser  # noqa: E402  (benchmarks/, beside this script)
+from shapes_cli import shapes_checkpoint_parser, shapes_test_set  # noqa: E402  (benchmarks/, beside this script)
 
 MIN_AGREEMENT = 0.98
 MAX_F1_CHANGE = 0.005
@@ -81,11 +80,7 @@ def main() -> int:
     print(f"# CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# fast mode: {int8.fast_mode} ({int8.fast_mode_reason}), ResNet in "
           f"{str(int8.encoder.dtype).removeprefix('torch.')}; {args.images} images, seed {args.seed}")
-    rng = np.random.default_rng(args.seed)
-    examples = [generate_shapes_example(rng) for _ in range(args.images)]
-    images = [ex.image for ex in examples]
-    objects = [ex.objects for ex in examples]
-    sizes = [ex.image.size for ex in examples]
+    images, objects, sizes = shapes_test_set(args.images, args.seed)
 
     result = {"checkpoint": str(args.checkpoint), "images": args.images, "seed": args.seed, "cpu": cpu,
               "fast_mode": int8.fast_mode, "modes": {}}

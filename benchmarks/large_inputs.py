@@ -16,11 +16,8 @@ import argparse
 import io
 import json
 import os
-import random
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +28,7 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/, beside this script)
 
 SIZES = {"small": (500, 375), "12MP": (4032, 3024)}
 
@@ -76,20 +74,11 @@ def large_input_overhead(captioner, runs: int = 10, seed: int = 0) -> dict:
             files[name] = Path(folder) / f"{name}.jpg"
             files[name].write_bytes(photo_jpeg(size))
         calls = path_calls(captioner, files)
-        for call in calls.values():  # warm-up
-            call()
-        times = {key: [] for key in calls}
-        order, rng = list(calls), random.Random(seed)
-        for _ in range(runs):
-            rng.shuffle(order)
-            for key in order:
-                start = time.perf_counter()
-                calls[key]()
-                times[key].append(time.perf_counter() - start)
+        seconds = interleaved(calls, runs, warmup=1, seed=seed)  # median per (path, size)
     result = {}
     print(f"{'path':34s} {'500x375 ms':>10s} {'12 MP ms':>9s} {'overhead ms':>11s}")
     for path in dict.fromkeys(p for p, _ in calls):
-        small, big = (1000 * statistics.median(times[path, s]) for s in SIZES)
+        small, big = (1000 * seconds[path, s] for s in SIZES)
         result[path] = {"small_ms": small, "large_ms": big, "overhead_ms": big - small}
         print(f"{path:34s} {small:10.1f} {big:9.1f} {big - small:+11.1f} {'ok' if big - small <= 20 else 'OVER 20 ms'}")
     return result

@@ -36,8 +36,6 @@ import argparse
 import json
 import os
 import platform
-import random
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +55,7 @@ import torch  # noqa: E402
 from caption_model.cpu.features import describe_cpu  # noqa: E402
 from caption_model.cpu.threads import available_cpus  # noqa: E402
 from large_inputs import large_input_overhead  # noqa: E402  (benchmarks/, beside this script)
+from timing import interleaved  # noqa: E402
 
 NEW_TOKENS = 16
 BATCH = 8
@@ -157,21 +156,6 @@ def make_call(name: str, models: dict, images, beams: int) -> Callable[[], None]
 # ---------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------
-def interleaved(jobs: dict, runs: int, warmup: int, seed: int = 0) -> dict:
-    """Median seconds per job; every repetition runs all jobs once, in a fresh random order."""
-    for _ in range(warmup):
-        for job in jobs.values():
-            job()
-    times: dict = {name: [] for name in jobs}
-    order = list(jobs)
-    rng = random.Random(seed)
-    for _ in range(runs):
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            jobs[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_rss_mb(name: str, threads: int) -> float | None:

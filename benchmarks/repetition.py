@@ -28,10 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from caption_model import ImageCaptioner  # noqa: E402
-from shapes_cli import shapes_checkpoint_parser  # noqa: E402  (benchmarks/, beside this script)
+from shapes_cli import shapes_checkpoint_parser, shapes_test_set  # noqa: E402  (benchmarks/, beside this script)
 from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY  # noqa: E402
 from caption_model.training.metrics import shapes_scores  # noqa: E402
-from caption_model.training.shapes import generate_shapes_example  # noqa: E402
 
 MAX_F1_LOSS = 0.005
 OFF = (0, 1.0)
@@ -57,10 +56,7 @@ def label(setting: tuple[int, float]) -> str:
 
 
 def shapes_table(model, args, settings) -> tuple[dict, bool]:
-    rng = np.random.default_rng(args.seed)
-    examples = [generate_shapes_example(rng) for _ in range(args.images)]
-    images, objects = [ex.image for ex in examples], [ex.objects for ex in examples]
-    sizes = [ex.image.size for ex in examples]
+    images, objects, sizes = shapes_test_set(args.images, args.seed)
     result, ok = {}, True
     print(f"{'mode':8s} {'setting':24s} {'F1':>7s} {'dF1':>7s} {'point':>7s} {'identical':>9s} {'loops':>6s} "
           f"{'words':>6s} {'s':>6s}")

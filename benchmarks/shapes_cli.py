@@ -1,4 +1,5 @@
-"""The command line shared by the benchmarks that caption generated shapes images with a trained checkpoint."""
+"""The command line and the test images shared by the benchmarks that caption generated shapes images with a
+trained checkpoint."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ def shapes_checkpoint_parser(description: str, batch_size: int, batch_help: str 
     parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     parser.add_argument("--threads", type=int, default=None)
     return parser
+
+
+def shapes_test_set(count: int, seed: int) -> tuple[list, list, list]:
+    """`count` generated shapes images from `seed`: (images, their objects, their (W, H) sizes)."""
+    import numpy as np
+
+    from caption_model.training.shapes import generate_shapes_example
+
+    rng = np.random.default_rng(seed)
+    examples = [generate_shapes_example(rng) for _ in range(count)]
+    return [ex.image for ex in examples], [ex.objects for ex in examples], [ex.image.size for ex in examples]
