@@ -77,7 +77,7 @@ class ImageCaptioner(
 
     def quantize_int8(self, encoder_bf16: bool | None = False, mode: str = "auto") -> "ImageCaptioner":
         """The fast CPU inference mode, in place; returns self. The decoder's per-token weights become int8 (the
-        word-choosing layers fp16) and the ResNet runs as one oneDNN-fused graph (caption_model.cpu). mode: "auto"
+        best words' logits recomputed in fp32) and the ResNet runs as one oneDNN-fused graph (caption_model.cpu). mode: "auto"
         picks from the CPU (int8-vnni with AVX512-VNNI, int8-avx2 on other x86-64, fp32 with a one-line warning
         where there is no int8 engine: ARM); `fast_mode` and `fast_mode_reason` say which and why. Captions match
         fp32 for >= 98% of images (benchmarks/int8_quality.py). encoder_bf16: also run the ResNet in bf16 (None:

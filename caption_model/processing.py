@@ -97,6 +97,7 @@ def load_image(source: ImageInput, min_side: int | None = None, display_side: in
             image.seek(0)
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         size = (height, width) if orientation in _SWAPS_AXES else (width, height)  # upright
+        size = tuple(image.info.get(ORIGINAL_SIZE, size))  # an image load_image already reduced keeps its file's
         if (min_side or display_side) and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
             fit = (display_side or 0) / max(width, height)  # the display copy needs only its longer side
             need = (max(min_side or 0, math.ceil(width * fit)), max(min_side or 0, math.ceil(height * fit)))

@@ -97,6 +97,7 @@ def test_a_large_jpeg_is_decoded_only_as_large_as_asked(tmp_path):
                                                                                               small.height - 4)), BLUE)
     display = load_image(tmp_path / "big.jpg", min_side=64, display_side=500)  # the longer side >= 500
     assert display.size == (400, 600) and original_size(display) == (1600, 2400)
+    assert original_size(load_image(display)) == (1600, 2400)  # loading the reduced copy again keeps the file's size
     png = tmp_path / "big.png"  # other formats decode whole, as before
     upright.save(png)
     assert load_image(png, min_side=224).size == (1600, 2400)
