@@ -11,6 +11,7 @@ app.py builds the Blocks UI over a CaptionService; nothing here knows its layout
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -191,9 +192,10 @@ class CaptionService:
             return "int8"
         return "fp16" if self.captioner.device.type != "cpu" else "fp32"
 
-    @property
+    @functools.cached_property
     def fast_mode(self) -> dict[str, str]:
-        """The CPU mode served and why: {"mode": "int8-vnni" | "int8-avx2" | "fp32" | "fp16 (GPU)", "reason", "cpu"}."""
+        """The CPU mode served and why: {"mode": "int8-vnni" | "int8-avx2" | "fp32" | "fp16 (GPU)", "reason", "cpu"};
+        fixed once the model is loaded, so /health does not read /proc/cpuinfo per request."""
         if self.captioner.device.type != "cpu":
             return {"mode": "fp16 (GPU)", "reason": f"autocast on {self.captioner.device}", "cpu": describe_cpu()}
         reason = self.captioner.fast_mode_reason or "asked for: the weights as trained"

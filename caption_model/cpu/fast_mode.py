@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,6 @@ def choose_fast_mode(requested: str = "auto", flags: frozenset[str] | None = Non
     if requested == "fp32":
         return FastModeChoice("fp32", "asked for: the weights as trained")
     if not int8_available(machine):
-        import platform
-
         name = machine or platform.machine()
         return FastModeChoice("fp32", f"no int8 engine on {name} (fbgemm is x86-64 only)",
                               warning=f"int8 fast mode unavailable on this CPU ({name}: no fbgemm); serving fp32")
