@@ -70,6 +70,8 @@ def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys):
         assert (output / plot).stat().st_size > 1000
     model = ImageCaptioner.from_pretrained(str(output / "best"))
     assert model.grid_size == (8, 8)
+    # the random encoder's frozen BatchNorms were calibrated on training images before the first step
+    assert not torch.all(model.encoder.stem.bn1.running_var == 1)
     losses = [r["loss"] for r in read_log(output) if "loss" in r]
     assert len(losses) == 6  # 24 images / batch 8 = 3 steps per epoch, 2 epochs
 
