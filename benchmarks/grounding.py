@@ -17,11 +17,15 @@ and y. Pass (exit 0) when every target holds in every mode. Prints the CPU, a ta
   raw        the additive attention alpha_t, computed before the word was chosen
   evidence   the context-only head's score of the word from each cell alone, softmax over cells
   posterior  alpha_t(p) * p(word | cell p alone), the normalised posterior of "the word came from cell p"
+  phrase     the served map times its neighbours' served maps, each raised to that neighbour's peakedness
+             (1 - entropy / log P): "a [red] circle" shares the object of "red" and "circle", a diffuse "a" counts
+             little. An experiment (shapes: pointing +0.03), not served: unmeasured on photos.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -57,11 +61,24 @@ def _word_evidence(model, visual: torch.Tensor, token_ids: torch.Tensor, normali
     return decoder.bert.embeddings.word_embeddings(token_ids) @ cells.transpose(1, 2)  # (B, T, D) @ (B, D, P)
 
 
+def _phrase_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B, T, P) maps -> (B, T, P): log map_t + sum over neighbours n = t-1, t+1 of peaked(n) * log map_n, softmax."""
+    log_maps = maps.clamp_min(1e-30).log()  # (B, T, P)
+    entropy = -(maps * log_maps).sum(-1) / math.log(maps.shape[-1])  # (B, T), 0 = one cell, 1 = uniform
+    weighted = (1 - entropy).clamp_min(0)[..., None] ** 2 * log_maps  # (B, T, P)
+    combined = log_maps.clone()
+    combined[:, 1:] += weighted[:, :-1]  # the previous word
+    combined[:, :-1] += weighted[:, 1:]  # the next word
+    return combined.softmax(dim=-1)
+
+
 MAPS = {  # name -> (model, alpha (B, T, P), visual (B, P, D), token_ids (B, T)) -> maps (B, T, P) summing to 1
     "raw": lambda model, alpha, visual, ids: alpha,
     "evidence": lambda model, alpha, visual, ids: _word_evidence(model, visual, ids, False).softmax(dim=-1),
     "posterior": lambda model, alpha, visual, ids: (
         alpha.clamp_min(1e-30).log() + _word_evidence(model, visual, ids, True)).softmax(dim=-1),
+    "phrase": lambda model, alpha, visual, ids: _phrase_maps(  # the evidence-weighted map, then its neighbours'
+        type(model.decoder).ground_attention(model.decoder, alpha, visual, ids)),
 }
 
 
