@@ -65,6 +65,9 @@ def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys):
     assert json.loads((output / "best" / "training_config.json").read_text())["image_size"] == 64
     metrics = strict_json((output / "metrics.json").read_text())
     assert {"object_f1", "pointing_accuracy"} <= set(metrics["test"]) and "validation" in metrics
+    run_record = metrics["run"]  # where and how long it trained
+    assert run_record["steps"] == 6 and run_record["device"] == "cpu" and run_record["train_seconds"] > 0
+    assert run_record["cpu"] and run_record["threads"] >= 1
     assert stat.S_IMODE((output / "best").stat().st_mode) == 0o777 & ~current_umask()
     for plot in ("loss_curve.png", "samples.png"):
         assert (output / plot).stat().st_size > 1000

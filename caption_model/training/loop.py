@@ -318,14 +318,31 @@ def end_epoch(run: Run, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ finish
-def finish(run: Run) -> dict:
-    """Evaluate best/ on validation and test -> metrics.json (also in best/); the loss curve and sample heatmaps."""
+def machine_record(run: Run, seconds: float) -> dict:
+    """Where and how long this process trained (data, model, cache, steps, validation; not the final evaluation)."""
+    from caption_model.cpu.features import describe_cpu
+
+    device = run.accelerator.device
+    record = {"train_seconds": round(seconds, 1), "steps": run.state["step"], "device": device.type,
+              "cpu": describe_cpu(), "threads": torch.get_num_threads(), "processes": run.accelerator.num_processes}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
+
+
+def finish(run: Run, seconds: float) -> dict:
+    """Evaluate best/ on validation and test -> metrics.json (also in best/); the loss curve and sample heatmaps.
+    `seconds`: how long the run took up to here, recorded with the machine under "run"."""
     output, cfg, data = run.output, run.cfg, run.data
+    machine = machine_record(run, seconds)
+    logger.info("trained %d steps in %.0f s on %s (%s, %d threads)", machine["steps"], seconds,
+                machine.get("gpu", machine["cpu"]), machine["device"], machine["threads"])
     best = ImageCaptioner.from_pretrained(str(output / "best")).to(run.accelerator.device)
     metrics = {"validation": evaluate(best, data["validation"], cfg, desc="validation"),
                "test": evaluate(best, data["test"], cfg, desc="test"),
                "eval": {"num_beams": cfg.eval_beams, "max_length": cfg.eval_max_length,
-                        "max_eval_images": cfg.max_eval_images, "source": cfg.source, **run.data_info}}
+                        "max_eval_images": cfg.max_eval_images, "source": cfg.source, **run.data_info},
+               "run": machine}
     (output / METRICS_FILE).write_text(to_json(metrics))
     plot_loss_curve(output / LOG_FILE, output / LOSS_CURVE_FILE)
     plot_samples(best, data["test"], output / SAMPLES_FILE)
@@ -345,6 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run training (from last/ with `resume`); returns the output folder (best/, last/, metrics.json, plots)."""
     from tqdm.auto import tqdm
 
+    began = time.perf_counter()
     run = setup(cfg, resume)
     progress = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", unit="step",
                     disable=not run.accelerator.is_local_main_process)
@@ -355,7 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     progress.close()
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        finish(run)
+        finish(run, time.perf_counter() - began)
     run.accelerator.end_training()
     return run.output
 
