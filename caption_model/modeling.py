@@ -66,31 +66,6 @@ class ImageEncoder(nn.Module):
                 stage.eval()
         return self
 
-    @torch.no_grad()
-    def calibrate_frozen_batchnorm(self, pixel_batches) -> int:
-        """Set the frozen stages' BatchNorm statistics to those of the images in `pixel_batches` (an iterable of
-        (B, 3, S, S) tensors); returns the number of images seen. For a random (not pretrained) encoder: its default
-        statistics (mean 0, variance 1) are not those of its random convolutions' outputs, so the frozen features
-        it feeds the trainable stages (and the feature cache) are mis-scaled and training starts slower."""
-        norms = [m for stage in self.stages()[: self.num_frozen_stages] for m in stage.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a plain average over every batch, not an exponential one
-            norm.train()
-        seen = 0
-        try:
-            for pixels in pixel_batches:
-                x = pixels
-                for stage in self.stages()[: self.num_frozen_stages]:
-                    x = stage(x)
-                seen += pixels.shape[0]
-        finally:
-            for norm in norms:
-                norm.momentum = 0.1
-                norm.eval()
-        return seen
-
     def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> output of the frozen prefix (B, C', h', w'); the input itself when nothing is frozen."""
         x = pixel_values

@@ -295,29 +295,3 @@ def test_init_builds_architecture_only_without_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         model.caption(np.zeros((32, 32, 3), dtype=np.uint8))
     assert ImageCaptioner(tiny_config(vocab_size=50).to_dict()).config == tiny_config(vocab_size=50)
-
-
-def test_calibrated_frozen_batchnorm_normalises_the_images_it_saw():
-    """A random encoder's frozen BatchNorms take the statistics of the calibration images (training does this
-    before it starts); the trainable stages keep theirs, and every BatchNorm goes back to eval mode."""
-    from conftest import shapes_images
-
-    model = build_tiny_captioner().eval()  # frozen: stem, layer1; trainable: layer2
-    encoder = model.encoder
-    pixels = model.preprocess(shapes_images(32, seed=5))  # (32, 3, 64, 64)
-    with torch.no_grad():
-        default_stem = encoder.stem.bn1(encoder.stem.conv1(pixels))
-    assert default_stem.var(dim=(0, 2, 3)).mean() < 0.5  # default statistics: the stem's outputs are mis-scaled
-
-    assert encoder.calibrate_frozen_batchnorm([pixels[:16], pixels[16:]]) == 32
-
-    with torch.no_grad():
-        stem = encoder.stem.bn1(encoder.stem.conv1(pixels))  # (32, 64, 32, 32)
-    live = encoder.stem.bn1.running_var > 1e-3  # channels the random filters do not leave constant
-    assert live.sum() > 32
-    assert stem.mean(dim=(0, 2, 3))[live].abs().max() < 0.05
-    assert (stem.var(dim=(0, 2, 3))[live] - 1).abs().median() < 0.1
-    trainable = encoder.layer2[0].bn1
-    assert torch.all(trainable.running_mean == 0) and torch.all(trainable.running_var == 1)
-    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert all(m.momentum == 0.1 for m in norms) and not any(m.training for m in norms[:5])

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 import numpy as np
 
 import train
+from conftest import build_tiny_captioner, shapes_images
 from caption_model import ImageCaptioner
 from caption_model.hub.card import build_model_card
 from caption_model.training import loop
+from caption_model.training.calibration import calibrate_frozen_batchnorm
 from caption_model.training.checkpointing import load_training_state, to_json, write_folder_atomically
 from caption_model.training.data import load_training_data
 from caption_model.training.shapes import generate_shapes_example
@@ -284,3 +286,27 @@ def test_parquet_with_custom_columns_from_the_command_line(tmp_path):
                                       "--caption-columns", "txt,caption"])
     with pytest.raises(ValueError, match=r"expected columns \['caption'\] in the data, got columns \['jpg', 'txt'\]"):
         load_training_data(bad)
+
+
+def test_calibrated_frozen_batchnorm_normalises_the_images_it_saw():
+    """A random encoder's frozen BatchNorms take the statistics of the calibration images (training does this
+    before it starts); the trainable stages keep theirs, and every BatchNorm goes back to eval mode."""
+    model = build_tiny_captioner().eval()  # frozen: stem, layer1; trainable: layer2
+    encoder = model.encoder
+    pixels = model.preprocess(shapes_images(32, seed=5))  # (32, 3, 64, 64)
+    with torch.no_grad():
+        default_stem = encoder.stem.bn1(encoder.stem.conv1(pixels))
+    assert default_stem.var(dim=(0, 2, 3)).mean() < 0.5  # default statistics: the stem's outputs are mis-scaled
+
+    assert calibrate_frozen_batchnorm(encoder, [pixels[:16], pixels[16:]]) == 32
+
+    with torch.no_grad():
+        stem = encoder.stem.bn1(encoder.stem.conv1(pixels))  # (32, 64, 32, 32)
+    live = encoder.stem.bn1.running_var > 1e-3  # channels the random filters do not leave constant
+    assert live.sum() > 32
+    assert stem.mean(dim=(0, 2, 3))[live].abs().max() < 0.05
+    assert (stem.var(dim=(0, 2, 3))[live] - 1).abs().median() < 0.1
+    trainable = encoder.layer2[0].bn1
+    assert torch.all(trainable.running_mean == 0) and torch.all(trainable.running_var == 1)
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in norms) and not any(m.training for m in norms[:5])

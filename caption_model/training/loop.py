@@ -28,7 +28,8 @@ from caption_model.training.collate import CaptionCollator, collator_for
 from caption_model.training.config import TrainConfig, model_config
 from caption_model.training.data import describe_data, load_training_data
 from caption_model.training.evaluation import evaluate, selection_metric
-from caption_model.training.feature_cache import FeatureCache, decode_image
+from caption_model.training.calibration import calibrate_random_encoder
+from caption_model.training.feature_cache import FeatureCache
 from caption_model.training.plots import plot_loss_curve, plot_samples
 
 logger = logging.getLogger(__name__)
@@ -53,19 +54,6 @@ def build_model(cfg: TrainConfig, train_captions: list[str]) -> ImageCaptioner:
         tokenizer = train_wordpiece_tokenizer(train_captions, vocab_size=cfg.tokenizer_vocab_size)
     return ImageCaptioner.from_backbones(model_config(cfg), decoder=cfg.decoder,
                                          encoder_weights=cfg.encoder_weights, tokenizer=tokenizer)
-
-
-def calibrate_random_encoder(model: ImageCaptioner, train, cfg: TrainConfig) -> None:
-    """A random encoder's frozen stages get the BatchNorm statistics of the first `calibrate_batchnorm_images`
-    training images (data-dependent initialisation); a pretrained one keeps its ImageNet statistics."""
-    count = min(cfg.calibrate_batchnorm_images, len(train))
-    if cfg.encoder_weights is not None or count <= 0 or model.encoder.num_frozen_stages == 0:
-        return
-    images = list(train.select(range(count))["image"])
-    batches = (model.preprocess([decode_image(im) for im in images[i:i + cfg.batch_size]]).to(model.device)
-               for i in range(0, count, cfg.batch_size))
-    seen = model.encoder.calibrate_frozen_batchnorm(batches)
-    logger.info("random encoder: frozen BatchNorm statistics set from %d training images", seen)
 
 
 def parameter_groups(model: ImageCaptioner, cfg: TrainConfig) -> list[dict]:
