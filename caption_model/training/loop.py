@@ -22,13 +22,13 @@ import torch
 
 from caption_model import ImageCaptioner
 from caption_model.config import METRICS_FILE, SAMPLES_FILE, WEIGHTS_FILE
+from caption_model.training.calibration import calibrate_random_encoder
 from caption_model.training.checkpointing import (load_training_state, recover_checkpoint, save_checkpoint,
                                                   to_json)
 from caption_model.training.collate import CaptionCollator, collator_for
 from caption_model.training.config import TrainConfig, model_config
 from caption_model.training.data import describe_data, load_training_data
 from caption_model.training.evaluation import evaluate, selection_metric
-from caption_model.training.calibration import calibrate_random_encoder
 from caption_model.training.feature_cache import FeatureCache
 from caption_model.training.plots import plot_loss_curve, plot_samples
 
