@@ -18,7 +18,7 @@ and y. Pass (exit 0) when every target holds in every mode. Prints the CPU, a ta
   evidence   the context-only head's score of the word from each cell alone, softmax over cells
   posterior  alpha_t(p) * p(word | cell p alone), the normalised posterior of "the word came from cell p"
   phrase     the served map times its neighbours' served maps, each raised to that neighbour's peakedness
-             (1 - entropy / log P): "a [red] circle" shares the object of "red" and "circle", a diffuse "a" counts
+             (1 - entropy / log P) squared: "a [red] circle" shares the object of "red" and "circle", a diffuse "a" counts
              little. An experiment (shapes: pointing +0.03), not served: unmeasured on photos.
 """
 

@@ -27,6 +27,7 @@ def calibrate_frozen_batchnorm(encoder: ImageEncoder, pixel_batches: Iterable[to
     returns the number of images seen. The trainable stages keep theirs; every BatchNorm ends in eval mode."""
     frozen = encoder.stages()[: encoder.num_frozen_stages]
     norms = [m for stage in frozen for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over every batch, not an exponential one
@@ -39,8 +40,8 @@ def calibrate_frozen_batchnorm(encoder: ImageEncoder, pixel_batches: Iterable[to
                 x = stage(x)
             seen += pixels.shape[0]
     finally:
-        for norm in norms:
-            norm.momentum = 0.1
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
             norm.eval()
     return seen
 
