@@ -13,19 +13,18 @@ inside the object's box grown by half a cell). Targets (issue 12), per decoding 
 and y. Pass (exit 0) when every target holds in every mode. Prints the CPU, a table per mode and one JSON line.
 
 --map picks the per-word map (a reading of the same decoded captions; the captions themselves never change):
-  model      what the model serves (its config: evidence-weighted attention when grounded_heatmaps, else raw)
+  model      what the model serves (its config: grounded_heatmaps and heatmap_reading)
+  word       the evidence-weighted attention of each word alone (heatmap_reading "word")
+  phrase     each word's evidence-weighted map times its neighbours' maps, counted by their peakedness
+             (heatmap.phrase_maps, heatmap_reading "phrase"; the shapes preset serves it)
   raw        the additive attention alpha_t, computed before the word was chosen
   evidence   the context-only head's score of the word from each cell alone, softmax over cells
   posterior  alpha_t(p) * p(word | cell p alone), the normalised posterior of "the word came from cell p"
-  phrase     the served map times its neighbours' served maps, each raised to that neighbour's peakedness
-             (1 - entropy / log P) squared: "a [red] circle" shares the object of "red" and "circle", a diffuse "a" counts
-             little. An experiment (shapes: pointing +0.03), not served: unmeasured on photos.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -61,25 +60,13 @@ def _word_evidence(model, visual: torch.Tensor, token_ids: torch.Tensor, normali
     return decoder.bert.embeddings.word_embeddings(token_ids) @ cells.transpose(1, 2)  # (B, T, D) @ (B, D, P)
 
 
-def _phrase_maps(maps: torch.Tensor) -> torch.Tensor:
-    """(B, T, P) maps -> (B, T, P): log map_t + sum over neighbours n = t-1, t+1 of peaked(n) * log map_n, softmax."""
-    log_maps = maps.clamp_min(1e-30).log()  # (B, T, P)
-    entropy = -(maps * log_maps).sum(-1) / math.log(maps.shape[-1])  # (B, T), 0 = one cell, 1 = uniform
-    weighted = (1 - entropy).clamp_min(0)[..., None] ** 2 * log_maps  # (B, T, P)
-    combined = log_maps.clone()
-    combined[:, 1:] += weighted[:, :-1]  # the previous word
-    combined[:, :-1] += weighted[:, 1:]  # the next word
-    return combined.softmax(dim=-1)
-
-
 MAPS = {  # name -> (model, alpha (B, T, P), visual (B, P, D), token_ids (B, T)) -> maps (B, T, P) summing to 1
     "raw": lambda model, alpha, visual, ids: alpha,
     "evidence": lambda model, alpha, visual, ids: _word_evidence(model, visual, ids, False).softmax(dim=-1),
     "posterior": lambda model, alpha, visual, ids: (
         alpha.clamp_min(1e-30).log() + _word_evidence(model, visual, ids, True)).softmax(dim=-1),
-    "phrase": lambda model, alpha, visual, ids: _phrase_maps(  # the evidence-weighted map, then its neighbours'
-        type(model.decoder).ground_attention(model.decoder, alpha, visual, ids)),
 }
+READINGS = {"word": "word", "phrase": "phrase"}  # name -> heatmap_reading over the model's own evidence-weighted map
 
 
 def use_map(model, name: str) -> None:
@@ -87,7 +74,9 @@ def use_map(model, name: str) -> None:
     if name == "model":
         return
     model.config.grounded_heatmaps = True  # generate() then calls decoder.ground_attention(alpha, visual, ids)
-    model.decoder.ground_attention = lambda alpha, visual, ids: MAPS[name](model, alpha, visual, ids)
+    model.config.heatmap_reading = READINGS.get(name, "word")  # to_caption() then reads word maps this way
+    if name in MAPS:
+        model.decoder.ground_attention = lambda alpha, visual, ids: MAPS[name](model, alpha, visual, ids)
 
 
 def check(scores: dict) -> dict[str, bool]:
@@ -121,7 +110,7 @@ def print_mode(name: str, scores: dict, met: dict[str, bool], seconds: float, im
 def main() -> int:
     parser = shapes_checkpoint_parser(__doc__, batch_size=25, batch_help="images per caption_batch call")
     parser.set_defaults(seed=DEFAULT_SEED)
-    parser.add_argument("--map", choices=["model", *MAPS], default="model", help="which per-word map to judge")
+    parser.add_argument("--map", choices=["model", *READINGS, *MAPS], default="model", help="which per-word map to judge")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ ENCODER_STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 GROUNDING_LOSSES = ("pooled", "marginal")
+HEATMAP_READINGS = ("word", "phrase")  # CaptionerConfig.heatmap_reading
 
 
 @dataclass
@@ -56,6 +57,10 @@ class CaptionerConfig:
     # Context loss (train.py --context-loss-weight): "pooled" predicts the word from the attention-pooled context;
     # "marginal" from one attended cell at a time, -log sum_p alpha(p) p(w | cell p) (a latent alignment).
     grounding_loss: str = "pooled"
+    # How a word's map is read (heatmap.phrase_maps): "word": its own map; "phrase": its own map times its
+    # neighbours' maps, each counted by how peaked it is ("a [red] circle": "circle" decides which red object "red"
+    # names). Measured on shapes (benchmarks/README.md "Grounding"), not yet on photos: the Flickr presets keep "word".
+    heatmap_reading: str = "word"
 
     # --- loss ---
     label_smoothing: float = 0.1  # token cross-entropy label smoothing
@@ -65,6 +70,8 @@ class CaptionerConfig:
     caption_model_version: str | None = field(default=None, compare=False)  # the library that wrote it (on save)
 
     def __post_init__(self) -> None:
+        if self.heatmap_reading not in HEATMAP_READINGS:
+            raise ValueError(f"heatmap_reading must be one of {HEATMAP_READINGS}, got {self.heatmap_reading!r}")
         if self.grounding_loss not in GROUNDING_LOSSES:
             raise ValueError(f"grounding_loss must be one of {GROUNDING_LOSSES}, got {self.grounding_loss!r}")
         if self.encoder_stage not in ENCODER_STAGES:

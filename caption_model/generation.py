@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .heatmap import phrase_maps
 from .cached_step import CachedBertDecoder, StepKernels, repeat_rows
 from .modeling import CaptionerModel
 
@@ -249,6 +250,8 @@ def to_caption(model: CaptionerModel, token_ids: torch.Tensor, attention: torch.
     keep = [i for i, token in enumerate(ids) if token not in special]
     pieces = model.tokenizer.convert_ids_to_tokens([ids[i] for i in keep])
     words, word_maps = merge_wordpieces(pieces, maps[keep])
+    if cfg.heatmap_reading == "phrase":
+        word_maps = phrase_maps(word_maps)  # (N, gh, gw): each word's map with its neighbours' (heatmap.py)
     return Caption(
         text=" ".join(words), words=words, attention=word_maps,
         score=float(logprob_sum) / max(int(length), 1), token_ids=ids,

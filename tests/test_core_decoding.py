@@ -8,6 +8,7 @@ import torch
 
 from caption_model import Caption
 from caption_model.generation import beam_search, greedy_search, merge_wordpieces
+from caption_model.heatmap import phrase_maps
 from conftest import build_tiny_captioner, shapes_images
 
 MAX_LEN = 16
@@ -269,6 +270,25 @@ def test_attention_comes_from_the_decoding_steps(tiny_trained_captioner, images,
         words, maps = _teacher_forced_maps(model, image, cap, grounded=False)
         np.testing.assert_allclose(maps, raw.attention, atol=1e-5)
         assert not np.allclose(raw.attention, cap.attention, atol=1e-3)
+
+
+def test_phrase_reading_serves_each_word_map_with_its_neighbours(tiny_trained_captioner, images, greedy_caps):
+    """heatmap_reading="phrase": the served maps are heatmap.phrase_maps of the "word" maps of the same caption
+    (whole words, no special tokens); the words never change."""
+    model = tiny_trained_captioner
+    assert model.config.heatmap_reading == "word"
+    model.config.heatmap_reading = "phrase"
+    try:
+        phrase_caps = model.caption_batch(images[:3], num_beams=1, max_length=MAX_LEN)
+    finally:
+        model.config.heatmap_reading = "word"
+    changed = False
+    for word_cap, phrase_cap in zip(greedy_caps[:3], phrase_caps):
+        assert phrase_cap.token_ids == word_cap.token_ids and phrase_cap.words == word_cap.words
+        np.testing.assert_allclose(phrase_cap.attention, phrase_maps(word_cap.attention), atol=1e-6)
+        np.testing.assert_allclose(phrase_cap.attention.sum(axis=(1, 2)), 1.0, atol=1e-5)
+        changed |= not np.allclose(phrase_cap.attention, word_cap.attention, atol=1e-4)
+    assert changed  # the trained model has peaked maps whose neighbours move
 
 
 def test_grounding_moves_a_map_to_the_cell_that_explains_the_word():

@@ -155,6 +155,8 @@ def test_context_losses_pooled_and_marginal(random_model, examples):
     assert "context" not in model(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).losses
     with pytest.raises(ValueError, match="grounding_loss"):
         tiny_config(grounding_loss="hard")
+    with pytest.raises(ValueError, match="heatmap_reading must be one of"):
+        tiny_config(heatmap_reading="sentence")
 
 
 def _arch(model):

@@ -534,3 +534,12 @@ def test_card_from_a_config_alone_is_what_save_pretrained_can_write():
     assert model_card.data.pipeline_tag == PIPELINE_TAG and set(MODEL_TAGS) <= set(model_card.data.tags)
     assert "## Limits" in str(model_card) and "8x8 encoder grid" in str(model_card)
     assert "training data is not recorded" in str(model_card) and model_card.data.eval_results is None
+
+
+def test_card_says_how_the_heatmaps_are_read():
+    word = str(card.render_model_card(TINY_CONFIG))
+    phrase = str(card.render_model_card({**TINY_CONFIG, "heatmap_reading": "phrase"}))
+    raw = str(card.render_model_card({**TINY_CONFIG, "grounded_heatmaps": False}))
+    assert "explains the chosen word" in word and "neighbours' maps" not in word
+    assert "explains the chosen word" in phrase and "neighbours' maps" in phrase
+    assert "explains the chosen word" not in raw and "is the word's heatmap." in raw

@@ -292,7 +292,12 @@ def _overview(repo_id: str | None, config: dict, grid: int) -> list[str]:
         "tokens in every layer.",
         "- **Fusion head**: additive (Bahdanau) attention over the grid, conditioned on the decoder state, gives "
         "one attention map per generated token; the next word is predicted from the decoder state and the "
-        "attended context. That map is the word's heatmap.",
+        "attended context. That map" + (
+            ", weighted by how well each cell alone explains the chosen word," if config.get("grounded_heatmaps", True)
+            else "") + " is the word's heatmap" + (
+            "; each word's map is then multiplied by its neighbours' maps, counted by how peaked they are, so the "
+            "two words of \"a red circle\" point at the same object." if config.get("heatmap_reading") == "phrase"
+            else "."),
     ]
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     attention_penalty: float = 1.0  # doubly-stochastic attention penalty weight (Show, Attend and Tell)
     context_loss_weight: float = 0.5  # grounding aid: also predict each word from its attended context alone
     grounding_loss: str = "pooled"  # pooled: from the attention-pooled context; marginal: from one attended cell
+    heatmap_reading: str = "word"  # word | phrase: how the trained model reads a word's map (CaptionerConfig)
     all_captions: bool = False  # train on every caption of an image per step (image encoded once) vs one random
     feature_cache: bool = True  # cache the frozen encoder part's output on disk
     cache_dir: str | None = None  # default: <output_dir>/feature_cache
@@ -84,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    intermediate_size=512, attention_dim=128, max_position_embeddings=40, tokenizer_vocab_size=200,
                    shapes_sizes=[4000, 200, 200], epochs=3, batch_size=16, lr=5e-4, lr_decoder=5e-4,
                    lr_encoder=1e-3, warmup_ratio=0.1, eval_beams=1, eval_max_length=24, max_eval_images=200,
-                   dropout=0.0, attention_penalty=0.0, context_loss_weight=2.0),
+                   dropout=0.0, attention_penalty=0.0, context_loss_weight=2.0, heatmap_reading="phrase"),
 }
 
 
@@ -105,5 +106,5 @@ def model_config(cfg: TrainConfig) -> CaptionerConfig:
         attention_dim=cfg.attention_dim, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
         fusion_dropout=cfg.dropout, label_smoothing=cfg.label_smoothing, attention_penalty=cfg.attention_penalty,
         grounded_heatmaps=cfg.context_loss_weight > 0,  # the evidence comes from the context-only head
-        grounding_loss=cfg.grounding_loss,
+        grounding_loss=cfg.grounding_loss, heatmap_reading=cfg.heatmap_reading,
     )

@@ -16,7 +16,9 @@ logged.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Image, List, Value, concatenate_datasets
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, List, Value, concatenate_datasets
+from datasets.table import InMemoryTable
 from PIL import Image as PILImage
 
 from caption_model.training.shapes import generate_shapes_example
@@ -143,6 +147,9 @@ _SHAPES_FEATURES = Features(
 
 
 def _shapes_split(name: str, size: int, rng: np.random.Generator) -> Dataset:
+    # The split's fingerprint names what made it (split, size, generator state) instead of datasets hashing the
+    # finished table with dill, which raises PicklingError on pyarrow's MonthDayNano under Python 3.12.
+    made_by = json.dumps([name, size, rng.bit_generator.state], sort_keys=True, default=str)
     rows: dict[str, list] = {"image": [], "captions": [], "image_id": [], "objects": []}
     for i in range(size):
         example = generate_shapes_example(rng)
@@ -151,7 +158,9 @@ def _shapes_split(name: str, size: int, rng: np.random.Generator) -> Dataset:
         rows["image_id"].append(f"shapes-{name}-{i:06d}")
         rows["objects"].append([{"colour": o.colour, "shape": o.shape, "box": [int(v) for v in o.box]}
                                 for o in example.objects])
-    return Dataset.from_dict(rows, features=_SHAPES_FEATURES)
+    table = pa.Table.from_pydict(_SHAPES_FEATURES.encode_batch(rows), schema=_SHAPES_FEATURES.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=_SHAPES_FEATURES.copy()),
+                   fingerprint=hashlib.sha256(made_by.encode()).hexdigest()[:16])
 
 
 def load_shapes_dataset(num_train: int = 2000, num_val: int = 200, num_test: int = 200,
