@@ -28,6 +28,7 @@ TINY = [
     "--encoder-trainable", "layer2", "--hidden-size", "32", "--num-hidden-layers", "1", "--num-attention-heads", "2",
     "--intermediate-size", "64", "--attention-dim", "32", "--tokenizer-vocab-size", "120", "--batch-size", "8",
     "--eval-max-length", "8", "--max-eval-images", "6", "--log-every-steps", "1",
+    "--mixed-precision", "no",  # the preset's "auto" would train in bf16 on some CPUs only: same numbers everywhere
 ]
 
 
@@ -69,7 +70,7 @@ def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys):
     assert {"object_f1", "pointing_accuracy"} <= set(metrics["test"]) and "validation" in metrics
     run_record = metrics["run"]  # where and how long it trained
     assert run_record["steps"] == 6 and run_record["device"] == "cpu" and run_record["train_seconds"] > 0
-    assert run_record["cpu"] and run_record["threads"] >= 1
+    assert run_record["cpu"] and run_record["threads"] >= 1 and run_record["mixed_precision"] == "no"
     assert stat.S_IMODE((output / "best").stat().st_mode) == 0o777 & ~current_umask()
     for plot in ("loss_curve.png", "samples.png"):
         assert (output / plot).stat().st_size > 1000
@@ -160,6 +161,28 @@ def test_bf16_mixed_precision_after_an_fp32_run_in_the_same_process(tmp_path):
     output = run(tmp_path, "bf16", "--max-steps", "2", "--mixed-precision", "bf16")  # autocast on the CPU
     assert len([r for r in read_log(output) if "loss" in r]) == 2
     assert json.loads((output / "last" / "training_config.json").read_text())["mixed_precision"] == "bf16"
+    assert strict_json((output / "metrics.json").read_text())["run"]["mixed_precision"] == "bf16"
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    from caption_model.cpu import features
+
+    expected = "bf16" if features.has_native_bf16(features.usable_flags()) else "no"
+    output = run(tmp_path, "auto", "--max-steps", "1", "--mixed-precision", "auto")
+    assert strict_json((output / "metrics.json").read_text())["run"]["mixed_precision"] == expected
+    assert json.loads((output / "last" / "training_config.json").read_text())["mixed_precision"] == "auto"
+    assert train.parse_args(["--preset", "shapes"])[0].mixed_precision == "auto"
+    for flags, precision in (({"avx2", "fma", "avx512_bf16"}, "bf16"), ({"avx2", "amx_bf16"}, "bf16"),
+                             ({"avx2", "fma", "avx512f", "avx512_vnni"}, "no"), ({"asimd"}, "no")):
+        monkeypatch.setattr(features, "usable_flags", lambda flags=flags: frozenset(flags))
+        assert loop.resolve_mixed_precision("auto", "cpu") == precision
+    for supported, precision in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert loop.resolve_mixed_precision("auto", "cuda") == precision
+    assert loop.resolve_mixed_precision("auto", "mps") == "no"
+    assert loop.resolve_mixed_precision("fp16", "cpu") == "fp16" and loop.resolve_mixed_precision("no", "cuda") == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        loop.resolve_mixed_precision("fp8", "cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

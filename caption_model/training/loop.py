@@ -26,7 +26,7 @@ from caption_model.training.calibration import calibrate_random_encoder
 from caption_model.training.checkpointing import (load_training_state, recover_checkpoint, save_checkpoint,
                                                   to_json)
 from caption_model.training.collate import CaptionCollator, collator_for
-from caption_model.training.config import TrainConfig, model_config
+from caption_model.training.config import MIXED_PRECISIONS, TrainConfig, model_config
 from caption_model.training.data import describe_data, load_training_data
 from caption_model.training.evaluation import evaluate, selection_metric
 from caption_model.training.feature_cache import FeatureCache
@@ -123,6 +123,22 @@ class Run:
             self.save("last", optimizer=self.optimizer, scheduler=self.scheduler, state=self.state)
 
 
+def resolve_mixed_precision(precision: str, device: str) -> str:
+    """TrainConfig.mixed_precision -> what Accelerate gets: "auto" is bf16 on a CUDA GPU that has it and on a CPU
+    with bf16 in hardware (AMX or AVX512-BF16: the shapes preset trains ~1.4x faster on a Zen 4), else "no"."""
+    if precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device == "cpu":
+        from caption_model.cpu.features import has_native_bf16, usable_flags
+
+        return "bf16" if has_native_bf16(usable_flags()) else "no"
+    return "no"  # mps: fp32
+
+
 def _accelerator(cfg: TrainConfig, output: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -135,7 +151,9 @@ def _accelerator(cfg: TrainConfig, output: Path):
         # app's first run) may want another precision or device.
         AcceleratorState._reset_state(reset_partial_state=True)
     trackers = [cfg.report_to] if cfg.report_to else None
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=str(output),
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")  # Accelerate's choice
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device), log_with=trackers, project_dir=str(output),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.device == "cpu")
     if cfg.device and accelerator.device.type != cfg.device:
         raise ValueError(f"--device {cfg.device}: expected that device to be available, Accelerate found "
@@ -312,7 +330,8 @@ def machine_record(run: Run, seconds: float) -> dict:
 
     device = run.accelerator.device
     record = {"train_seconds": round(seconds, 1), "steps": run.state["step"], "device": device.type,
-              "cpu": describe_cpu(), "threads": torch.get_num_threads(), "processes": run.accelerator.num_processes}
+              "cpu": describe_cpu(), "threads": torch.get_num_threads(), "processes": run.accelerator.num_processes,
+              "mixed_precision": str(run.accelerator.mixed_precision)}
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
     return record
@@ -323,8 +342,8 @@ def finish(run: Run, seconds: float) -> dict:
     `seconds`: how long the run took up to here, recorded with the machine under "run"."""
     output, cfg, data = run.output, run.cfg, run.data
     machine = machine_record(run, seconds)
-    logger.info("trained %d steps in %.0f s on %s (%s, %d threads)", machine["steps"], seconds,
-                machine.get("gpu", machine["cpu"]), machine["device"], machine["threads"])
+    logger.info("trained %d steps in %.0f s on %s (%s, %d threads, mixed precision %s)", machine["steps"], seconds,
+                machine.get("gpu", machine["cpu"]), machine["device"], machine["threads"], machine["mixed_precision"])
     best = ImageCaptioner.from_pretrained(str(output / "best")).to(run.accelerator.device)
     metrics = {"validation": evaluate(best, data["validation"], cfg, desc="validation"),
                "test": evaluate(best, data["test"], cfg, desc="test"),
