@@ -92,8 +92,8 @@ def phrase_maps(word_maps: np.ndarray) -> np.ndarray:
     """The "phrase" reading of a caption's word maps (N, gh, gw), each summing to 1 -> (N, gh, gw), each summing to 1.
 
     log map_t + sum over the neighbours n = t-1, t+1 of peaked(n) * log map_n, softmax over cells, where
-    peaked(n) = (1 - entropy(map_n) / log P)^2 is 0 for a uniform map and 1 for a single cell: "a red circle" with
-    two red objects splits "red" between them and "circle" decides; a diffuse "a" counts for almost nothing.
+    peaked(n) = 1 - entropy(map_n) / log P is 0 for a uniform map and 1 for a single cell: "a red circle" with two
+    red objects splits "red" between them and "circle" decides; a diffuse "a" counts for almost nothing.
     """
     maps = np.asarray(word_maps, dtype=np.float64)
     if maps.ndim != 3:
@@ -103,7 +103,7 @@ def phrase_maps(word_maps: np.ndarray) -> np.ndarray:
         return maps.astype(np.float32)
     log_maps = np.log(np.clip(maps.reshape(N, P), 1e-30, None))  # (N, P)
     entropy = -(np.exp(log_maps) * log_maps).sum(-1) / np.log(P)  # (N,), 0 = one cell, 1 = uniform
-    weighted = np.clip(1.0 - entropy, 0.0, None)[:, None] ** 2 * log_maps  # (N, P)
+    weighted = np.clip(1.0 - entropy, 0.0, None)[:, None] * log_maps  # (N, P)
     combined = log_maps.copy()
     combined[1:] += weighted[:-1]  # the previous word
     combined[:-1] += weighted[1:]  # the next word
