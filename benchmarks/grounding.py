@@ -66,7 +66,7 @@ MAPS = {  # name -> (model, alpha (B, T, P), visual (B, P, D), token_ids (B, T))
     "posterior": lambda model, alpha, visual, ids: (
         alpha.clamp_min(1e-30).log() + _word_evidence(model, visual, ids, True)).softmax(dim=-1),
 }
-READINGS = {"word": "word", "phrase": "phrase"}  # name -> heatmap_reading over the model's own evidence-weighted map
+READINGS = ("word", "phrase")  # heatmap_reading values, over the model's own evidence-weighted maps
 
 
 def use_map(model, name: str) -> None:
@@ -74,7 +74,7 @@ def use_map(model, name: str) -> None:
     if name == "model":
         return
     model.config.grounded_heatmaps = True  # generate() then calls decoder.ground_attention(alpha, visual, ids)
-    model.config.heatmap_reading = READINGS.get(name, "word")  # to_caption() then reads word maps this way
+    model.config.heatmap_reading = name if name in READINGS else "word"  # how to_caption() reads the word maps
     if name in MAPS:
         model.decoder.ground_attention = lambda alpha, visual, ids: MAPS[name](model, alpha, visual, ids)
 
@@ -110,7 +110,8 @@ def print_mode(name: str, scores: dict, met: dict[str, bool], seconds: float, im
 def main() -> int:
     parser = shapes_checkpoint_parser(__doc__, batch_size=25, batch_help="images per caption_batch call")
     parser.set_defaults(seed=DEFAULT_SEED)
-    parser.add_argument("--map", choices=["model", *READINGS, *MAPS], default="model", help="which per-word map to judge")
+    parser.add_argument("--map", choices=["model", *READINGS, *MAPS], default="model",
+                        help="which per-word map to judge")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .heatmap import phrase_maps
 from .cached_step import CachedBertDecoder, StepKernels, repeat_rows
+from .heatmap import phrase_maps
 from .modeling import CaptionerModel
 
 # What ImageCaptioner.caption(), the CLI and the app use: blocks phrase loops ("a blue square a blue square ...").

@@ -83,8 +83,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # training instead of ~34 (750 steps of batch 16, not of batch 32), and the finer, more local grid points
     # better (benchmarks/README.md "Grounding"). Grounding: the context-only word loss (weight 2) and no
     # doubly-stochastic penalty, which spread the attention of object words onto the background; the maps are served
-    # with the phrase reading. bf16 autocast where the CPU has bf16 in hardware (AMX / AVX512-BF16): ~8.5 units on a
-    # Zen 4 instead of ~12; fp32 elsewhere (an AVX2-only CPU would emulate bf16, slower than fp32).
+    # with the phrase reading. bf16 autocast where the CPU has bf16 in hardware (AMX / AVX512-BF16): 8.8-9.7 units on
+    # a Zen 4 instead of 12-13.5; fp32 elsewhere (an AVX2-only CPU would emulate bf16, slower than fp32).
     "shapes": dict(source="shapes", decoder=None, encoder_weights=None, image_size=96, encoder_stage="layer2",
                    encoder_trainable=["layer2"], hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=512, attention_dim=128, max_position_embeddings=40, tokenizer_vocab_size=200,

@@ -153,7 +153,8 @@ def _accelerator(cfg: TrainConfig, output: Path):
     trackers = [cfg.report_to] if cfg.report_to else None
     device = cfg.device or ("cuda" if torch.cuda.is_available() else
                             "mps" if torch.backends.mps.is_available() else "cpu")  # Accelerate's choice
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device), log_with=trackers, project_dir=str(output),
+    precision = resolve_mixed_precision(cfg.mixed_precision, device)
+    accelerator = Accelerator(mixed_precision=precision, log_with=trackers, project_dir=str(output),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cfg.device == "cpu")
     if cfg.device and accelerator.device.type != cfg.device:
         raise ValueError(f"--device {cfg.device}: expected that device to be available, Accelerate found "
