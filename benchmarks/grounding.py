@@ -13,13 +13,14 @@ inside the object's box grown by half a cell). Targets (issue 12), per decoding 
 and y. Pass (exit 0) when every target holds in every mode. Prints the CPU, a table per mode and one JSON line.
 
 --map picks the per-word map (a reading of the same decoded captions; the captions themselves never change):
-  model      what the model serves (its config: grounded_heatmaps and heatmap_reading)
+  model      what the model serves (its config: grounded_heatmaps, heatmap_reading and heatmap_offsets)
   word       the evidence-weighted attention of each word alone (heatmap_reading "word")
   phrase     each word's evidence-weighted map times its neighbours' maps, counted by their peakedness
              (heatmap.phrase_maps, heatmap_reading "phrase"; the shapes preset serves it)
   raw        the additive attention alpha_t, computed before the word was chosen
   evidence   the context-only head's score of the word from each cell alone, softmax over cells
   posterior  alpha_t(p) * p(word | cell p alone), the normalised posterior of "the word came from cell p"
+Every map but "model" is judged as read, without the model's per-word offsets (heatmap.recentre).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def use_map(model, name: str) -> None:
     """Make `model` draw its per-word maps as `name` (module docstring); "model" leaves it as it is."""
     if name == "model":
         return
+    model.config.heatmap_offsets = {}  # measured for the served reading only
     model.config.grounded_heatmaps = True  # generate() then calls decoder.ground_attention(alpha, visual, ids)
     model.config.heatmap_reading = name if name in READINGS else "word"  # how to_caption() reads the word maps
     if name in MAPS:

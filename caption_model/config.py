@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,10 @@ class CaptionerConfig:
     # neighbours' maps, each counted by how peaked it is ("a [red] circle": "circle" decides which red object "red"
     # names). Measured on shapes (benchmarks/README.md "Grounding"), not yet on photos: the Flickr presets keep "word".
     heatmap_reading: str = "word"
+    # Per-word map offsets {word: [dx, dy]} in cells (x right, y down), measured after training without boxes
+    # (training/heatmap_offsets.py: where a word's map peaks on an image vs on its mirror image); each served map is
+    # moved back by its word's offset (heatmap.recentre). Words not listed are served as read. {}: none measured.
+    heatmap_offsets: dict[str, list[float]] = field(default_factory=dict)
 
     # --- loss ---
     label_smoothing: float = 0.1  # token cross-entropy label smoothing
@@ -72,6 +77,7 @@ class CaptionerConfig:
     def __post_init__(self) -> None:
         if self.heatmap_reading not in HEATMAP_READINGS:
             raise ValueError(f"heatmap_reading must be one of {HEATMAP_READINGS}, got {self.heatmap_reading!r}")
+        self.heatmap_offsets = _checked_offsets(self.heatmap_offsets)
         if self.grounding_loss not in GROUNDING_LOSSES:
             raise ValueError(f"grounding_loss must be one of {GROUNDING_LOSSES}, got {self.grounding_loss!r}")
         if self.encoder_stage not in ENCODER_STAGES:
@@ -114,6 +120,21 @@ class CaptionerConfig:
         if unknown:
             raise ValueError(f"unknown CaptionerConfig fields {unknown}; expected a subset of {sorted(known)}")
         return cls(**values)
+
+
+def _checked_offsets(offsets: Any) -> dict[str, list[float]]:
+    """heatmap_offsets as {word: [dx, dy]} floats, or a ValueError that says what came."""
+    if not isinstance(offsets, dict):
+        raise ValueError(f"heatmap_offsets must be a dict {{word: [dx, dy]}}, got {type(offsets).__name__}")
+    checked = {}
+    for word, offset in offsets.items():
+        pair = list(offset) if isinstance(offset, (list, tuple)) else None
+        if not (isinstance(word, str) and pair is not None and len(pair) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)):
+            raise ValueError(f"heatmap_offsets must map words to [dx, dy] pairs of finite numbers (cells), got "
+                             f"{word!r}: {offset!r}")
+        checked[word] = [float(v) for v in pair]
+    return checked
 
 
 # Hub metadata: one library name, task and tag list for the mixin's card and push_to_hub.py's card alike.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .cached_step import CachedBertDecoder, StepKernels, repeat_rows
-from .heatmap import phrase_maps
+from .heatmap import phrase_maps, recentre
 from .modeling import CaptionerModel
 
 # What ImageCaptioner.caption(), the CLI and the app use: blocks phrase loops ("a blue square a blue square ...").
@@ -252,10 +252,45 @@ def to_caption(model: CaptionerModel, token_ids: torch.Tensor, attention: torch.
     words, word_maps = merge_wordpieces(pieces, maps[keep])
     if cfg.heatmap_reading == "phrase":
         word_maps = phrase_maps(word_maps)  # (N, gh, gw): each word's map with its neighbours' (heatmap.py)
+    if cfg.heatmap_offsets:  # each word's map moved back by its measured offset (training/heatmap_offsets.py)
+        word_maps = recentre(word_maps, [cfg.heatmap_offsets.get(word, (0.0, 0.0)) for word in words])
     return Caption(
         text=" ".join(words), words=words, attention=word_maps,
         score=float(logprob_sum) / max(int(length), 1), token_ids=ids,
     )
+
+
+def read_captions(model: CaptionerModel, pixel_values: torch.Tensor, token_ids: list[list[int]]) -> list[Caption]:
+    """Teacher-forced: the Captions the model gives the given captions (token ids without [CLS] / [SEP], one list
+    per image) on the preprocessed images (B, 3, S, S): their maps and scores, as `generate` reads its own."""
+    cfg = model.config
+    if len(token_ids) != pixel_values.shape[0]:
+        raise ValueError(f"expected one token id list per image, got {len(token_ids)} for {pixel_values.shape[0]}")
+    B, L = len(token_ids), max(len(ids) for ids in token_ids) + 1  # + the end token
+    targets = torch.full((B, L), cfg.pad_token_id, dtype=torch.long)  # (B, L): each caption, then [SEP]
+    for b, ids in enumerate(token_ids):
+        targets[b, : len(ids) + 1] = torch.tensor([*ids, cfg.eos_token_id])
+    lengths = torch.tensor([len(ids) + 1 for ids in token_ids])  # (B,)
+    inputs = torch.cat([torch.full((B, 1), cfg.bos_token_id), targets[:, :-1]], dim=1)  # (B, L): [CLS] + prefix
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).long()  # (B, L)
+    device = model.device
+    inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            visual = model.encode(pixel_values.to(device))  # (B, P, D)
+            hidden, _ = model.decoder.hidden_states(inputs, visual, mask)  # (B, L, D)
+            fused, alpha, _ = model.decoder.head(hidden, model.decoder.attention_keys(visual), visual)  # alpha (B, L, P)
+            logprobs = model.decoder.vocab_logits(fused).float().log_softmax(dim=-1)  # (B, L, V)
+            chosen = logprobs.gather(2, targets[:, :, None])[:, :, 0] * mask  # (B, L)
+            if cfg.grounded_heatmaps:
+                alpha = model.decoder.ground_attention(alpha, visual, targets)  # (B, L, P)
+    finally:
+        if was_training:
+            model.train()
+    return [to_caption(model, targets[b], alpha[b], chosen[b].sum().item(), int(lengths[b])) for b in range(B)]
 
 
 def generate(model: CaptionerModel, pixel_values: torch.Tensor, num_beams: int = 3, max_length: int = 30,

@@ -88,6 +88,25 @@ def upsample(attention_map: np.ndarray, size: tuple[int, int], input_size: int =
     return np.clip(heat, 0.0, 1.0, out=heat)
 
 
+def recentre(word_maps: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Move each map (N, gh, gw) back by its word's offset (N, 2) = (dx, dy) in cells -> (N, gh, gw), each summing
+    to 1: cell (i, j) takes the map's value at (i + dy, j + dx), Keys-cubic interpolated (edge cells repeated,
+    the cubic's small negative lobes clipped). A map that peaks dx cells right of its object then peaks on it."""
+    maps = np.asarray(word_maps, dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.float64).reshape(-1, 2)
+    if maps.ndim != 3 or offsets.shape[0] != maps.shape[0]:
+        raise ValueError(f"expected maps (N, gh, gw) and offsets (N, 2), got shapes {maps.shape} and {offsets.shape}")
+    gh, gw = maps.shape[1:]
+    moved = np.empty_like(maps)
+    for k, (dx, dy) in enumerate(offsets):
+        rows = _cubic_weights(np.arange(gh) + dy, gh)  # (gh, gh): new row i reads old rows around i + dy
+        cols = _cubic_weights(np.arange(gw) + dx, gw)  # (gw, gw)
+        moved[k] = np.clip(rows @ maps[k] @ cols.T, 0.0, None)  # (gh, gh) @ (gh, gw) @ (gw, gw)
+        total = moved[k].sum()
+        moved[k] = moved[k] / total if total > 0 else maps[k]
+    return moved.astype(np.float32)
+
+
 def phrase_maps(word_maps: np.ndarray) -> np.ndarray:
     """The "phrase" reading of a caption's word maps (N, gh, gw), each summing to 1 -> (N, gh, gw), each summing to 1.
 

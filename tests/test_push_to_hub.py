@@ -543,3 +543,5 @@ def test_card_says_how_the_heatmaps_are_read():
     assert "explains the chosen word" in word and "neighbours' maps" not in word
     assert "explains the chosen word" in phrase and "neighbours' maps" in phrase
     assert "explains the chosen word" not in raw and "is the word's heatmap." in raw
+    moved = str(card.render_model_card({**TINY_CONFIG, "heatmap_offsets": {"red": [0.5, -1.0], "circle": [0, 1]}}))
+    assert "**Map offsets**: after training, each of 2 frequent words" in moved and "Map offsets" not in word

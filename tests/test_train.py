@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -21,6 +22,8 @@ from caption_model.training import loop
 from caption_model.training.calibration import calibrate_frozen_batchnorm
 from caption_model.training.checkpointing import load_training_state, to_json, write_folder_atomically
 from caption_model.training.data import load_training_data
+from caption_model.training.feature_cache import decode_image
+from caption_model.training.heatmap_offsets import measure_heatmap_offsets
 from caption_model.training.shapes import generate_shapes_example
 
 TINY = [
@@ -55,7 +58,8 @@ def current_umask() -> int:
     return mask
 
 
-def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys):
+def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger=loop.__name__)
     output = run(tmp_path, "run", "--epochs", "2")
     # after its first steps the run says how long the rest will take (6 steps: after the first)
     err = capsys.readouterr().err
@@ -80,6 +84,16 @@ def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys):
     assert not torch.all(model.encoder.stem.bn1.running_var == 1)
     losses = [r["loss"] for r in read_log(output) if "loss" in r]
     assert len(losses) == 6  # 24 images / batch 8 = 3 steps per epoch, 2 epochs
+    # best/ serves per-word map offsets measured on the validation images (the shapes preset's 200: all 6 here)
+    assert run_record["heatmap_offsets_seconds"] > 0 and \
+        "heatmap offsets (cells) measured on 6 validation images" in caplog.text
+    stored = model.config.heatmap_offsets
+    assert stored and all(len(pair) == 2 for pair in stored.values())
+    model.config.heatmap_offsets = {}
+    cfg, _ = train.parse_args(TINY + ["--output-dir", str(output)])
+    validation = [decode_image(image) for image in load_training_data(cfg, "validation")["image"]]
+    assert stored == measure_heatmap_offsets(model, validation)
+    assert ImageCaptioner.from_pretrained(str(output / "last")).config.heatmap_offsets == {}  # measured for best/
 
 
 def test_feature_cache_is_hit_on_second_epoch_and_rebuilt_when_encoder_changes(tmp_path):

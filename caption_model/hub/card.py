@@ -298,7 +298,10 @@ def _overview(repo_id: str | None, config: dict, grid: int) -> list[str]:
             "; each word's map is then multiplied by its neighbours' maps, counted by how peaked they are, so the "
             "two words of \"a red circle\" point at the same object." if config.get("heatmap_reading") == "phrase"
             else "."),
-    ]
+    ] + ([f"- **Map offsets**: after training, each of {len(config['heatmap_offsets'])} frequent words got the "
+          "offset its map showed between validation images and their mirror images (no boxes); the served map is "
+          "moved back by it, so it peaks on the object rather than beside it."] if config.get("heatmap_offsets")
+         else [])
 
 
 def _evaluation(scores: dict[str, float], data: TrainingData, split: str) -> list[str]:

@@ -53,6 +53,7 @@ class TrainConfig:
     context_loss_weight: float = 0.5  # grounding aid: also predict each word from its attended context alone
     grounding_loss: str = "pooled"  # pooled: from the attention-pooled context; marginal: from one attended cell
     heatmap_reading: str = "word"  # word | phrase: how the trained model reads a word's map (CaptionerConfig)
+    heatmap_offset_images: int = 0  # after training: measure per-word map offsets on N validation images; 0: off
     all_captions: bool = False  # train on every caption of an image per step (image encoded once) vs one random
     feature_cache: bool = True  # cache the frozen encoder part's output on disk
     cache_dir: str | None = None  # default: <output_dir>/feature_cache
@@ -83,7 +84,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # training instead of ~34 (750 steps of batch 16, not of batch 32), and the finer, more local grid points
     # better (benchmarks/README.md "Grounding"). Grounding: the context-only word loss (weight 2) and no
     # doubly-stochastic penalty, which spread the attention of object words onto the background; the maps are served
-    # with the phrase reading. bf16 autocast where the CPU has bf16 in hardware (AMX / AVX512-BF16): 8.8-9.7 units on
+    # with the phrase reading, each moved back by its word's offset measured on 200 validation images without boxes
+    # (training/heatmap_offsets.py: the maps peaked 0.5-0.9 cells up-left of their objects). bf16 autocast where the CPU has bf16 in hardware (AMX / AVX512-BF16): 8.8-9.7 units on
     # a Zen 4 instead of 12-13.5; fp32 elsewhere (an AVX2-only CPU would emulate bf16, slower than fp32).
     "shapes": dict(source="shapes", decoder=None, encoder_weights=None, image_size=96, encoder_stage="layer2",
                    encoder_trainable=["layer2"], hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -91,7 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    shapes_sizes=[4000, 200, 200], epochs=3, batch_size=16, lr=5e-4, lr_decoder=5e-4,
                    lr_encoder=1e-3, warmup_ratio=0.1, eval_beams=1, eval_max_length=24, max_eval_images=200,
                    dropout=0.0, attention_penalty=0.0, context_loss_weight=2.0, heatmap_reading="phrase",
-                   mixed_precision="auto"),
+                   heatmap_offset_images=200, mixed_precision="auto"),
 }
 
 
