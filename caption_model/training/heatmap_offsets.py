@@ -5,10 +5,12 @@ top-left edges of objects, 0.5-0.9 cells off their centres), and by how much is 
 preset. Mirroring the image tells that distance apart from the object's position without knowing where the object
 is: caption an image, read the same caption's maps on the image flipped left-right (and top-bottom), and mirror
 the flipped map's peak back. A map that peaks at (object + d) on the image peaks at (mirrored object + d) on the
-mirror image, i.e. at (object - d) once mirrored back, so half the difference of the two peaks is d. Averaged over
-the validation images for every word seen often enough, that is `CaptionerConfig.heatmap_offsets`; `to_caption`
+mirror image, i.e. at (object - d) once mirrored back, so half the difference of the two peaks is d. Its median over
+the validation images, for every word seen often enough, is `CaptionerConfig.heatmap_offsets`; `to_caption`
 then moves each served map back by its word's offset (`heatmap.recentre`). Only the images are used: boxes stay
-evaluation-only.
+evaluation-only. The median, not the mean: a mirror image can be unlike the training images (a shapes triangle
+upside down, a photo's sky at the bottom), and the word's map then lands elsewhere; on three shapes runs the mean
+over-corrected y by 0.3 cells on one, the median did not (benchmarks/README.md "Per-word map offsets").
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def mirror_offsets(maps: np.ndarray, left_right: np.ndarray, top_bottom: np.ndar
 
 def measure_heatmap_offsets(model, images: Sequence[ImageInput], min_count: int = MIN_WORD_COUNT,
                             batch_size: int = BATCH_SIZE) -> dict[str, list[float]]:
-    """{word: [dx, dy]} in cells (x right, y down): the mean offset of each word's map, from the model's own greedy
+    """{word: [dx, dy]} in cells (x right, y down): the median offset of each word's map, from the model's own greedy
     captions of `images` read on the images and on their mirror images (module docstring). Words seen fewer than
     `min_count` times are left out. The model's current offsets are ignored while measuring."""
     from tqdm.auto import tqdm
@@ -75,5 +77,5 @@ def measure_heatmap_offsets(model, images: Sequence[ImageInput], min_count: int 
                     found[word].append(offset)
     finally:
         config.heatmap_offsets = saved
-    return {word: [round(float(v), 3) for v in np.mean(pairs, axis=0)]
+    return {word: [round(float(v), 3) for v in np.median(pairs, axis=0)]
             for word, pairs in sorted(found.items()) if len(pairs) >= min_count}
