@@ -107,12 +107,25 @@ def recentre(word_maps: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return moved.astype(np.float32)
 
 
-def phrase_maps(word_maps: np.ndarray) -> np.ndarray:
+PHRASE_VOTE_SIGMA = 1.0  # cells: how far a neighbour's vote reaches (chosen on shapes images, benchmarks/README.md)
+
+
+def _blur(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """(N, gh, gw) -> (N, gh, gw), each map convolved with a Gaussian of `sigma` cells (zero beyond the grid)."""
+    def kernel(n: int) -> np.ndarray:  # (n, n): weight of cell j's value at cell i
+        offsets = np.arange(n)[:, None] - np.arange(n)[None, :]
+        return np.exp(-0.5 * (offsets / sigma) ** 2) / np.exp(-0.5 * (np.arange(1 - n, n) / sigma) ** 2).sum()
+    return kernel(maps.shape[1]) @ maps @ kernel(maps.shape[2]).T  # (gh, gh) @ (N, gh, gw) @ (gw, gw)
+
+
+def phrase_maps(word_maps: np.ndarray, vote_sigma: float = PHRASE_VOTE_SIGMA) -> np.ndarray:
     """The "phrase" reading of a caption's word maps (N, gh, gw), each summing to 1 -> (N, gh, gw), each summing to 1.
 
-    log map_t + sum over the neighbours n = t-1, t+1 of peaked(n) * log map_n, softmax over cells, where
-    peaked(n) = 1 - entropy(map_n) / log P is 0 for a uniform map and 1 for a single cell: "a red circle" with two
-    red objects splits "red" between them and "circle" decides; a diffuse "a" counts for almost nothing.
+    log map_t + sum over the neighbours n = t-1, t+1 of peaked(n) * log blur(map_n), softmax over cells, where
+    peaked(n) = 1 - entropy(map_n) / log P is 0 for a uniform map and 1 for a single cell, and blur spreads the
+    neighbour's vote over `vote_sigma` cells (a colour word and its noun peak on different edges of the same
+    object, often a cell apart). "a red circle" with two red objects splits "red" between them and "circle"
+    decides; a diffuse "a" counts for almost nothing.
     """
     maps = np.asarray(word_maps, dtype=np.float64)
     if maps.ndim != 3:
@@ -122,7 +135,8 @@ def phrase_maps(word_maps: np.ndarray) -> np.ndarray:
         return maps.astype(np.float32)
     log_maps = np.log(np.clip(maps.reshape(N, P), 1e-30, None))  # (N, P)
     entropy = -(np.exp(log_maps) * log_maps).sum(-1) / np.log(P)  # (N,), 0 = one cell, 1 = uniform
-    weighted = np.clip(1.0 - entropy, 0.0, None)[:, None] * log_maps  # (N, P)
+    votes = _blur(maps, vote_sigma).reshape(N, P) if vote_sigma > 0 else maps.reshape(N, P)  # (N, P)
+    weighted = np.clip(1.0 - entropy, 0.0, None)[:, None] * np.log(np.clip(votes, 1e-30, None))  # (N, P)
     combined = log_maps.copy()
     combined[1:] += weighted[:-1]  # the previous word
     combined[:-1] += weighted[1:]  # the next word

@@ -33,3 +33,16 @@ def test_diffuse_neighbours_change_nothing_and_the_ends_have_one_neighbour():
 def test_a_map_without_words_axis_is_refused():
     with pytest.raises(ValueError, match=r"\(N, gh, gw\)"):
         phrase_maps(CIRCLE)
+
+
+def test_a_noun_one_cell_beside_its_colour_word_still_decides():
+    """"a [red] circle" where "red" peaks on another red object and, a little lower, on the circle's left edge, one
+    cell from where "circle" peaks: the neighbour's vote, spread over a cell, finds the circle's edge; an
+    unspread vote (vote_sigma=0) meets "red" nowhere and leaves it on the other object."""
+    red = np.full((6, 6), 1e-6)
+    red[1, 1], red[4, 3] = 0.5, 0.4  # the other red object; the circle's left edge
+    circle = np.full((6, 6), 1e-3)  # "circle" is sure of one cell, a little unsure everywhere else
+    circle[4, 4] = 0.9
+    maps = np.stack([red / red.sum(), circle / circle.sum()])
+    assert np.unravel_index(phrase_maps(maps)[0].argmax(), (6, 6)) == (4, 3)
+    assert np.unravel_index(phrase_maps(maps, vote_sigma=0)[0].argmax(), (6, 6)) == (1, 1)
