@@ -282,7 +282,8 @@ def read_captions(model: CaptionerModel, pixel_values: torch.Tensor, token_ids: 
         with torch.inference_mode():
             visual = model.encode(pixel_values.to(device))  # (B, P, D)
             hidden, _ = model.decoder.hidden_states(inputs, visual, mask)  # (B, L, D)
-            fused, alpha, _ = model.decoder.head(hidden, model.decoder.attention_keys(visual), visual)  # alpha (B, L, P)
+            keys = model.decoder.attention_keys(visual)  # (B, P, A)
+            fused, alpha, _ = model.decoder.head(hidden, keys, visual)  # (B, L, D), (B, L, P)
             logprobs = model.decoder.vocab_logits(fused).float().log_softmax(dim=-1)  # (B, L, V)
             chosen = logprobs.gather(2, targets[:, :, None])[:, :, 0] * mask  # (B, L)
             if cfg.grounded_heatmaps:

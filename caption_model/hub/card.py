@@ -295,7 +295,8 @@ def _overview(repo_id: str | None, config: dict, grid: int) -> list[str]:
         "attended context. That map" + (
             ", weighted by how well each cell alone explains the chosen word," if config.get("grounded_heatmaps", True)
             else "") + " is the word's heatmap" + (
-            "; each word's map is then multiplied by its neighbours' maps, counted by how peaked they are, so the "
+            "; each word's map is then multiplied by its neighbours' maps, spread over about a cell and counted by "
+            "how peaked they are, so the "
             "two words of \"a red circle\" point at the same object." if config.get("heatmap_reading") == "phrase"
             else "."),
     ] + ([f"- **Map offsets**: after training, each of {len(config['heatmap_offsets'])} frequent words got the "
