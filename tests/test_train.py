@@ -23,6 +23,7 @@ from caption_model.training.calibration import calibrate_frozen_batchnorm
 from caption_model.training.checkpointing import load_training_state, to_json, write_folder_atomically
 from caption_model.training.data import load_training_data
 from caption_model.training.feature_cache import decode_image
+from caption_model.training import heatmap_offsets
 from caption_model.training.heatmap_offsets import measure_heatmap_offsets
 from caption_model.training.shapes import generate_shapes_example
 
@@ -59,7 +60,7 @@ def current_umask() -> int:
 
 
 def test_training_writes_hub_checkpoints_metrics_and_plots(tmp_path, capsys, caplog):
-    caplog.set_level(logging.INFO, logger=loop.__name__)
+    caplog.set_level(logging.INFO, logger=heatmap_offsets.__name__)
     output = run(tmp_path, "run", "--epochs", "2")
     # after its first steps the run says how long the rest will take (6 steps: after the first)
     err = capsys.readouterr().err

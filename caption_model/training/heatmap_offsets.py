@@ -15,6 +15,8 @@ over-corrected y by 0.3 cells on one, the median did not (benchmarks/README.md "
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import defaultdict
 from typing import Sequence
 
@@ -24,6 +26,9 @@ import torch
 from caption_model.generation import generate, read_captions
 from caption_model.heatmap import upsample
 from caption_model.processing import ImageInput
+from caption_model.training.feature_cache import decode_image
+
+logger = logging.getLogger(__name__)
 
 MIN_WORD_COUNT = 10  # a word needs this many occurrences in the captions to get an offset
 BATCH_SIZE = 32
@@ -79,3 +84,14 @@ def measure_heatmap_offsets(model, images: Sequence[ImageInput], min_count: int 
         config.heatmap_offsets = saved
     return {word: [round(float(v), 3) for v in np.median(pairs, axis=0)]
             for word, pairs in sorted(found.items()) if len(pairs) >= min_count}
+
+
+def offsets_on_split(model, split, count: int) -> dict[str, list[float]]:
+    """`measure_heatmap_offsets` on the first `count` images of a datasets split (images undecoded), logged."""
+    began = time.perf_counter()
+    images = [decode_image(image) for image in split.select(range(min(count, len(split))))["image"]]
+    offsets = measure_heatmap_offsets(model, images)
+    shown = ", ".join(f"{w} ({dx:+.2f}, {dy:+.2f})" for w, (dx, dy) in offsets.items())
+    logger.info("heatmap offsets (cells) measured on %d validation images in %.0f s: %s", len(images),
+                time.perf_counter() - began, shown or "no word seen often enough")
+    return offsets

@@ -29,8 +29,8 @@ from caption_model.training.collate import CaptionCollator, collator_for
 from caption_model.training.config import MIXED_PRECISIONS, TrainConfig, model_config
 from caption_model.training.data import describe_data, load_training_data
 from caption_model.training.evaluation import evaluate, selection_metric
-from caption_model.training.feature_cache import FeatureCache, decode_image
-from caption_model.training.heatmap_offsets import measure_heatmap_offsets
+from caption_model.training.feature_cache import FeatureCache
+from caption_model.training.heatmap_offsets import offsets_on_split
 from caption_model.training.plots import plot_loss_curve, plot_samples
 
 logger = logging.getLogger(__name__)
@@ -348,8 +348,12 @@ def finish(run: Run, seconds: float) -> dict:
     logger.info("trained %d steps in %.0f s on %s (%s, %d threads, mixed precision %s)", machine["steps"], seconds,
                 machine.get("gpu", machine["cpu"]), machine["device"], machine["threads"], machine["mixed_precision"])
     best = ImageCaptioner.from_pretrained(str(output / "best")).to(run.accelerator.device)
-    if cfg.heatmap_offset_images:
-        machine["heatmap_offsets_seconds"] = store_heatmap_offsets(run, best)
+    if cfg.heatmap_offset_images:  # measured on best/ (no boxes), then best/ is rewritten with them in its config
+        began = time.perf_counter()
+        best.config.heatmap_offsets = offsets_on_split(best, data["validation"], cfg.heatmap_offset_images)
+        validation = json.loads((output / "best" / VALIDATION_METRICS_FILE).read_text())
+        run.save("best", model=best, extra={VALIDATION_METRICS_FILE: validation})
+        machine["heatmap_offsets_seconds"] = round(time.perf_counter() - began, 1)
     metrics = {"validation": evaluate(best, data["validation"], cfg, desc="validation"),
                "test": evaluate(best, data["test"], cfg, desc="test"),
                "eval": {"num_beams": cfg.eval_beams, "max_length": cfg.eval_max_length,
@@ -363,23 +367,6 @@ def finish(run: Run, seconds: float) -> dict:
     logger.info("test: %s", _fmt(metrics["test"]))
     print(to_json({"output_dir": str(output), "test": metrics["test"]}, indent=None))
     return metrics
-
-
-def store_heatmap_offsets(run: Run, best: ImageCaptioner) -> float:
-    """Measure best/'s per-word map offsets on the first `heatmap_offset_images` validation images (no boxes) and
-    rewrite best/ with them in its config; returns the seconds it took."""
-    began = time.perf_counter()
-    split = run.data["validation"]
-    images = [decode_image(image) for image in split.select(range(min(run.cfg.heatmap_offset_images,
-                                                                         len(split))))["image"]]
-    best.config.heatmap_offsets = measure_heatmap_offsets(best, images)
-    validation = json.loads((run.output / "best" / VALIDATION_METRICS_FILE).read_text())
-    run.save("best", model=best, extra={VALIDATION_METRICS_FILE: validation})
-    seconds = time.perf_counter() - began
-    shown = ", ".join(f"{w} ({dx:+.2f}, {dy:+.2f})" for w, (dx, dy) in best.config.heatmap_offsets.items())
-    logger.info("heatmap offsets (cells) measured on %d validation images in %.0f s: %s", len(images), seconds,
-                shown or "no word seen often enough")
-    return round(seconds, 1)
 
 
 def _fmt(metrics: dict) -> str:
