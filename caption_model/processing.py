@@ -7,13 +7,16 @@ import io
 import math
 import os
 import warnings
-from typing import Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import CaptionerConfig
+from .cpu.threads import available_cpus
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
 
@@ -118,15 +121,28 @@ def load_image(source: ImageInput, min_side: int | None = None, display_side: in
         raise ImageLoadError(f"could not read {name}: the image is truncated or corrupt ({error})") from error
 
 
+def _resized(image: ImageInput, side: int) -> np.ndarray:
+    """One image -> (S, S, 3) uint8; a large JPEG is decoded straight at a reduced scale that still covers S x S."""
+    return np.asarray(load_image(image, min_side=side).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def in_threads(function: Callable[[Any], Any], items: Sequence[Any], threads: int | None = None) -> list[Any]:
+    """[function(item) for item in items], on up to `threads` (default: the usable CPUs, at most 4) threads when there
+    are several items. For PIL work, which releases the GIL while it decodes, encodes and resizes: ~1.8x on 2 cores.
+    A pool per call, not one kept: a forked DataLoader worker would inherit a kept pool without its threads."""
+    threads = min(threads or min(available_cpus(), 4), len(items))
+    if threads < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, items))  # in order; the first failing item raises, as in a loop
+
+
 def preprocess(images: Sequence[ImageInput] | ImageInput, config: CaptionerConfig) -> torch.Tensor:
     """Images (PIL, paths, bytes, arrays) -> (B, 3, S, S) normalised float pixels. The whole image is resized to
     S x S (no crop), so every part of it reaches the attention grid."""
     if isinstance(images, (Image.Image, str, os.PathLike, bytes, np.ndarray)):
         images = [images]
-    side = config.image_size
-    batch = np.stack(  # a large JPEG is decoded straight at a reduced scale that still covers S x S
-        [np.asarray(load_image(im, min_side=side).resize((side, side), Image.Resampling.BICUBIC)) for im in images]
-    )  # (B, S, S, 3) uint8
+    batch = np.stack(in_threads(partial(_resized, side=config.image_size), images))  # (B, S, S, 3) uint8
     pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std).view(1, 3, 1, 1)

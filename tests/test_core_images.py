@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from caption_model.heatmap import overlay
@@ -112,6 +113,38 @@ def test_preprocessing_a_large_jpeg_matches_the_full_decode(tiny_trained_caption
     reduced = model.preprocess([tmp_path / "photo.jpg"])[0]
     whole = model.preprocess([load_image(tmp_path / "photo.jpg")])[0]  # a PIL image: decoded in full
     assert (reduced - whole).abs().mean() < 0.05  # normalised units (one grey level ~ 0.017)
+
+
+def test_a_batch_is_preprocessed_in_threads_as_one_by_one(tiny_trained_captioner, tmp_path):
+    """Several images are decoded and resized on threads: the batch equals each image preprocessed alone, in order,
+    and a bad file among them still raises the error that names it."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for index in range(6):
+        path = tmp_path / f"im{index}.png"
+        Image.fromarray((rng.random((40 + 7 * index, 60, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    model = tiny_trained_captioner
+    batch = model.preprocess(paths)
+    alone = torch.cat([model.preprocess(path) for path in paths])
+    assert torch.equal(batch, alone)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png"):
+        model.preprocess(paths[:3] + [tmp_path / "notes.png"] + paths[3:])
+
+
+def test_in_threads_keeps_order_and_raises_the_first_failure():
+    from caption_model.processing import in_threads
+
+    def square_or_fail(value: int) -> int:
+        if value in (5, 9):
+            raise ValueError(f"item {value}")
+        return value * value
+
+    assert in_threads(square_or_fail, [3, 1, 4, 2], threads=2) == [9, 1, 16, 4]
+    assert in_threads(square_or_fail, [7], threads=2) == [49]
+    with pytest.raises(ValueError, match="item 5"):
+        in_threads(square_or_fail, [1, 2, 5, 3, 9], threads=2)
 
 
 # --- modes -> RGB ----------------------------------------------------------------------------------------------

@@ -164,6 +164,26 @@ def _arch(model):
     return {k: getattr(model.config, k) for k in keys}
 
 
+def test_additive_attention_is_bahdanaus_tanh_form():
+    """The sigmoid form the module computes gives the textbook softmax_p(w . tanh(W_h h_t + W_v v_p)) and its
+    gradients, so checkpoints trained either way read the same."""
+    from caption_model.modeling import AdditiveAttention
+
+    torch.manual_seed(0)
+    attention = AdditiveAttention(32, 16)
+    hidden, visual = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 9, 32, requires_grad=True)
+    keys = attention.project_keys(visual)
+    context, alpha = attention(hidden, keys, visual)
+    energy = attention.score(torch.tanh(attention.query(hidden)[:, :, None, :] + keys[:, None, :, :])).squeeze(-1)
+    expected_alpha = energy.softmax(dim=-1)  # (B, T, P)
+    torch.testing.assert_close(alpha, expected_alpha, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(context, expected_alpha @ visual, atol=1e-6, rtol=1e-5)
+    ours = torch.autograd.grad(alpha.square().sum(), [hidden, visual], retain_graph=True)
+    textbook = torch.autograd.grad(expected_alpha.square().sum(), [hidden, visual])
+    for got, want in zip(ours, textbook):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 def test_padding_does_not_change_real_positions(random_model, examples):
     model = random_model
     ex = examples[0]

@@ -31,6 +31,7 @@ from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, List, V
 from datasets.table import InMemoryTable
 from PIL import Image as PILImage
 
+from caption_model.processing import in_threads
 from caption_model.training.shapes import generate_shapes_example
 from caption_model.training.sources import SPLITS, Columns, load_source, source_kind
 
@@ -158,6 +159,7 @@ def _shapes_split(name: str, size: int, rng: np.random.Generator) -> Dataset:
         rows["image_id"].append(f"shapes-{name}-{i:06d}")
         rows["objects"].append([{"colour": o.colour, "shape": o.shape, "box": [int(v) for v in o.box]}
                                 for o in example.objects])
+    rows["image"] = in_threads(_SHAPES_FEATURES["image"].encode_example, rows["image"])  # PNG bytes, in parallel
     table = pa.Table.from_pydict(_SHAPES_FEATURES.encode_batch(rows), schema=_SHAPES_FEATURES.arrow_schema)
     return Dataset(InMemoryTable(table), info=DatasetInfo(features=_SHAPES_FEATURES.copy()),
                    fingerprint=hashlib.sha256(made_by.encode()).hexdigest()[:16])
