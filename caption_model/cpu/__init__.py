@@ -7,7 +7,6 @@ entry point that hands the model to `fast_mode.apply_fast_mode`.
     int8.py          the decoder's per-token weights as int8 / fp16 (the one place that calls torch's quantisation API)
     encoder_graph.py the ResNet with BatchNorm folded, as one oneDNN-fused TorchScript graph
     fast_mode.py     which fast mode this CPU gets (int8-vnni, int8-avx2, fp32), put together on a model
-    memory.py        the allocator: freed memory kept for reuse while training, handed back to the OS after the
-                     fast mode drops the fp32 weights
+    memory.py        hands freed weight memory back to the OS
     threads.py       how many threads inference should use
 """

@@ -22,7 +22,6 @@ import torch
 
 from caption_model import ImageCaptioner
 from caption_model.config import METRICS_FILE, SAMPLES_FILE, WEIGHTS_FILE
-from caption_model.cpu.memory import keep_freed_memory_for_reuse
 from caption_model.training.calibration import calibrate_random_encoder
 from caption_model.training.checkpointing import (load_training_state, recover_checkpoint, save_checkpoint,
                                                   to_json)
@@ -165,8 +164,6 @@ def _accelerator(cfg: TrainConfig, output: Path):
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if accelerator.device.type == "cpu":  # no page faults for the activations each step reallocates
-        keep_freed_memory_for_reuse()
     if trackers:
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in dataclasses.asdict(cfg).items()}
         accelerator.init_trackers("captioner", config=flat)
