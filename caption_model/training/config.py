@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # doubly-stochastic penalty, which spread the attention of object words onto the background; the maps are served
     # with the phrase reading, each moved back by its word's offset measured on 200 validation images without boxes
     # (training/heatmap_offsets.py: the maps peaked 0.5-0.9 cells up-left of their objects). bf16 autocast where the
-    # CPU has bf16 in hardware (AMX / AVX512-BF16): 9.7-10.3 units on a Zen 4 instead of 12-13.7; fp32 elsewhere (an
+    # CPU has bf16 in hardware (AMX / AVX512-BF16): 9.7-10.3 units on a Zen 4 instead of 11-13.7; fp32 elsewhere (an
     # AVX2-only CPU would emulate bf16, slower than fp32).
     "shapes": dict(source="shapes", decoder=None, encoder_weights=None, image_size=96, encoder_stage="layer2",
                    encoder_trainable=["layer2"], hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
