@@ -118,11 +118,9 @@ class VisualProjection(nn.Module):
 
 # --- Fusion decoder ------------------------------------------------------------------------------------
 class AdditiveAttention(nn.Module):
-    """Bahdanau attention: alpha_t = softmax_p(w . tanh(W_h h_t + W_v v_p)); the per-word heatmap.
-
-    Computed as softmax_p(2 w . sigmoid(2 W_h h_t + 2 W_v v_p)), the same alpha: tanh(x) = 2 sigmoid(2x) - 1 and the
-    constant -w . 1 drops out of the softmax. torch's CPU sigmoid is several times faster than its tanh on the
-    (B, T, P, A) tensor, the largest of a training step after the convolutions."""
+    """Bahdanau attention: alpha_t = softmax_p(w . tanh(W_h h_t + W_v v_p)); the per-word heatmap. Computed as
+    softmax_p(2 w . sigmoid(2 W_h h_t + 2 W_v v_p)), the same alpha (tanh(x) = 2 sigmoid(2x) - 1; -w . 1 drops out of
+    the softmax), because torch's CPU tanh is several times slower than its sigmoid on the (B, T, P, A) tensor."""
 
     def __init__(self, hidden_size: int, attention_dim: int):
         super().__init__()
