@@ -2,12 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install lock drift bench clean
 
 # torch 2.14.1 for x86_64 is a CUDA build: the venv takes ~6.7 GB. Say so before pip fills the disk half-way.
 MIN_FREE_GB := 8
 
-$(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.txt
 	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	if [ "$$free_gb" -lt $(MIN_FREE_GB) ]; then \
 		echo "make: the virtual environment needs about $(MIN_FREE_GB) GB free (torch with its CUDA libraries);" \
@@ -16,8 +16,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt
 	fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -r requirements-dev.txt   # the project, editable, with all extras (pyproject.toml)
+	$(PY) -m pip install -r requirements-dev.txt   # requirements.lock (exact versions) + the project, editable
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,8 +28,21 @@ test: $(VENV)/.installed
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest -q tests
 
+# Refresh the lock on purpose: the newest versions pyproject.toml allows, for every platform, Python 3.11+.
+# requirements.lock: everything (make install, CI); requirements.txt: inference + app, the same versions (Space).
+# Then run `make test` and `make drift`, and commit pyproject.toml, requirements.lock and requirements.txt together.
+UV_COMPILE := $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --custom-compile-command "make lock"
+lock: $(VENV)/.installed
+	$(UV_COMPILE) --extra dev --upgrade -o requirements.lock
+	$(UV_COMPILE) --extra app -c requirements.lock -o requirements.txt
+
+# The newest and the oldest versions pyproject.toml allows, each in a virtualenv of its own: smoke + parity tests.
+drift: $(VENV)/.installed
+	$(PY) scripts/drift_check.py newest
+	$(PY) scripts/drift_check.py lowest
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/latency.py
 
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) checkpoints .pytest_cache .drift

@@ -1,7 +1,8 @@
 """The one-token step of the BERT decoder with a KV cache: the fast path of decoding.
 
 It computes what `BertModel.forward` computes in eval mode for the newest token (one query needs no causal mask),
-as straight-line functional calls on the layers' own weights: walking the HF modules (a dozen nested `nn.Module`
+as straight-line functional calls on the layers' own weights (found through `bert_parts`, the one adapter to
+transformers' internals): walking the HF modules (a dozen nested `nn.Module`
 calls per layer and token) costs more than the attention itself on a CPU. Whatever a layer holds (fp32
 `nn.Linear`, the int8 linears of the fast CPU mode, anything else callable) is used as is: only its call is made
 cheaper. A fast mode may also hand over `StepKernels`: faster stand-ins for parts of the step.
@@ -17,6 +18,8 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .bert_parts import BertLayerParts, HeadShape, TokenEmbedder, decoder_layers, head_shape
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,8 +61,7 @@ class LayerStep:
 
     heads: int
     head_size: int
-    self_scaling: float
-    cross_scaling: float
+    scaling: float  # of the attention scores, self and cross: 1 / sqrt(dh)
     qkv: Fn | None  # (N, 1, D) -> (N, 1, 3D): q, k, v in one call (StepKernels.qkv), else the three below
     query: Fn
     key: Fn
@@ -75,19 +77,16 @@ class LayerStep:
     ffn_norm: Fn
 
     @classmethod
-    def of(cls, layer: nn.Module, qkv: Fn | None = None) -> "LayerStep":
-        attention, cross = layer.attention.self, layer.crossattention.self
+    def of(cls, parts: BertLayerParts, shape: HeadShape, qkv: Fn | None = None) -> "LayerStep":
         return cls(
-            heads=attention.num_attention_heads, head_size=attention.attention_head_size,
-            self_scaling=attention.scaling, cross_scaling=cross.scaling,
+            heads=shape.heads, head_size=shape.head_size, scaling=shape.scaling,
             qkv=qkv,
-            query=fast_call(attention.query), key=fast_call(attention.key), value=fast_call(attention.value),
-            self_out=fast_call(layer.attention.output.dense), self_norm=fast_call(layer.attention.output.LayerNorm),
-            cross_query=fast_call(cross.query),
-            cross_out=fast_call(layer.crossattention.output.dense),
-            cross_norm=fast_call(layer.crossattention.output.LayerNorm),
-            ffn_in=fast_call(layer.intermediate.dense), act=fast_call(layer.intermediate.intermediate_act_fn),
-            ffn_out=fast_call(layer.output.dense), ffn_norm=fast_call(layer.output.LayerNorm),
+            query=fast_call(parts.query), key=fast_call(parts.key), value=fast_call(parts.value),
+            self_out=fast_call(parts.self_out), self_norm=fast_call(parts.self_norm),
+            cross_query=fast_call(parts.cross_query),
+            cross_out=fast_call(parts.cross_out), cross_norm=fast_call(parts.cross_norm),
+            ffn_in=fast_call(parts.ffn_in), act=fast_call(parts.act),
+            ffn_out=fast_call(parts.ffn_out), ffn_norm=fast_call(parts.ffn_norm),
         )
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,10 +106,10 @@ class LayerStep:
             k = torch.cat([cache[0], k], dim=2)  # (N, H, t+1, dh)
             v = torch.cat([cache[1], v], dim=2)
         cache[0], cache[1] = k, v
-        a = F.scaled_dot_product_attention(q, k, v, scale=self.self_scaling)  # (N, H, 1, dh)
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)  # (N, H, 1, dh)
         x = self.self_norm(self.self_out(a.transpose(1, 2).reshape(N, 1, D)) + x)  # dense + residual + LayerNorm
         q = self.split_heads(self.cross_query(x))  # (N, H, 1, dh)
-        a = F.scaled_dot_product_attention(q, cross_k, cross_v, scale=self.cross_scaling)  # (N, H, 1, dh)
+        a = F.scaled_dot_product_attention(q, cross_k, cross_v, scale=self.scaling)  # (N, H, 1, dh)
         x = self.cross_norm(self.cross_out(a.transpose(1, 2).reshape(N, 1, D)) + x)
         return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(x))) + x)  # feed-forward + residual + LayerNorm
 
@@ -122,20 +121,20 @@ class CachedBertDecoder:
     def __init__(self, bert: nn.Module, visual: torch.Tensor, num_beams: int = 1, qkv: list[Fn] | None = None):
         """visual (B, P, D) -> ready for rows N = B * num_beams (each image's row repeated for its beams);
         qkv: StepKernels.qkv, one fused projection per layer."""
-        self.bert = bert
-        layers = bert.encoder.layer
-        self.layers = [LayerStep.of(layer, qkv[i] if qkv else None) for i, layer in enumerate(layers)]
+        shape = head_shape(bert)
+        parts = decoder_layers(bert)
+        self.embed = TokenEmbedder(bert)
+        self.layers = [LayerStep.of(p, shape, qkv[i] if qkv else None) for i, p in enumerate(parts)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V (N, H, P, dh)
-        for layer, step in zip(bert.encoder.layer, self.layers):
-            attention = layer.crossattention.self
-            self.cross.append((repeat_rows(step.split_heads(attention.key(visual)), num_beams),
-                               repeat_rows(step.split_heads(attention.value(visual)), num_beams)))
+        for p, step in zip(parts, self.layers):
+            self.cross.append((repeat_rows(step.split_heads(p.cross_key(visual)), num_beams),
+                               repeat_rows(step.split_heads(p.cross_value(visual)), num_beams)))
         self.cache: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layers]  # self K, V (N, H, t, dh)
         self.length = 0  # tokens in the cache
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids (N, 1), the newest token of every row -> its last hidden state (N, 1, D)."""
-        x = self.bert.embeddings(input_ids=token_ids, past_key_values_length=self.length)  # (N, 1, D)
+        x = self.embed(token_ids, start=self.length)  # (N, 1, D)
         for step, cache, (cross_k, cross_v) in zip(self.layers, self.cache, self.cross):
             x = step(x, cache, cross_k, cross_v)
         self.length += 1

@@ -78,7 +78,7 @@ class DecoderState:
         if self.cached is not None:
             hidden = self.cached(self.input_ids[:, -1:])  # (N, 1, D)
         else:  # reference path: recompute the whole prefix every step
-            hidden, _ = decoder.hidden_states(self.input_ids, self.visual)
+            hidden = decoder.hidden_states(self.input_ids, self.visual)
         fused, alpha, _ = decoder.head(hidden[:, -1:], self.keys, self.visual)  # (N, 1, D), (N, 1, P)
         logprobs = self.vocab_logits(fused[:, 0]).float().log_softmax(dim=-1)  # (N, V)
         logprobs[:, self.banned] = float("-inf")  # masked after normalising: scores stay the model's log-probs
@@ -281,7 +281,7 @@ def read_captions(model: CaptionerModel, pixel_values: torch.Tensor, token_ids: 
     try:
         with torch.inference_mode():
             visual = model.encode(pixel_values.to(device))  # (B, P, D)
-            hidden, _ = model.decoder.hidden_states(inputs, visual, mask)  # (B, L, D)
+            hidden = model.decoder.hidden_states(inputs, visual, mask)  # (B, L, D)
             keys = model.decoder.attention_keys(visual)  # (B, P, A)
             fused, alpha, _ = model.decoder.head(hidden, keys, visual)  # (B, L, D), (B, L, P)
             logprobs = model.decoder.vocab_logits(fused).float().log_softmax(dim=-1)  # (B, L, V)

@@ -189,7 +189,7 @@ class FusionDecoder(nn.Module):
 
     def vocab_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V), scored against the (tied) input word embeddings."""
-        return F.linear(x, self.bert.embeddings.word_embeddings.weight, self.output_bias)
+        return F.linear(x, self.bert.get_input_embeddings().weight, self.output_bias)
 
     def ground_attention(self, alpha: torch.Tensor, visual: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Heatmaps of the chosen words: alpha (B, T, P) attention when token_ids (B, T) were predicted, visual
@@ -206,7 +206,7 @@ class FusionDecoder(nn.Module):
             evidence = cell_logp.gather(2, token_ids[:, None, :].expand(-1, P, -1)).transpose(1, 2)  # (B, T, P)
         else:
             cells = self.head.context_proj(visual)  # (B, P, D): what each cell alone would say
-            words = self.bert.embeddings.word_embeddings(token_ids)  # (B, T, D); the output bias cancels over p
+            words = self.bert.get_input_embeddings()(token_ids)  # (B, T, D); the output bias cancels over p
             evidence = words @ cells.transpose(1, 2)  # (B, T, P)
         return (alpha.clamp_min(1e-30).log() + evidence).softmax(dim=-1)  # (B, T, P)
 
@@ -218,16 +218,12 @@ class FusionDecoder(nn.Module):
         """visual (B, P, D) -> log p(word | cell p alone) (B, P, V), from the context-only head."""
         return self.vocab_logits(self.head.context_proj(visual)).float().log_softmax(dim=-1)
 
-    def hidden_states(self, input_ids, visual, attention_mask=None, past_key_values=None, use_cache=False):
-        """input_ids (B, T), visual (B, P, D) -> hidden (B, T, D), cache."""
-        out = self.bert(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=visual,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        return out.last_hidden_state, out.past_key_values
+    def hidden_states(self, input_ids, visual, attention_mask=None):
+        """input_ids (B, T), visual (B, P, D) -> hidden (B, T, D): the whole prefix at once (training, and the
+        reference decoding); one token at a time with a KV cache is cached_step.py's job."""
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=visual,
+                        use_cache=False)
+        return out.last_hidden_state
 
 
 # --- The whole network ---------------------------------------------------------------------------------
@@ -344,7 +340,7 @@ class CaptionerModel(nn.Module):
         visual = self.encode(pixel_values, image_features)  # (B, P, D), or (I, P, D) with image_index
         if image_index is not None:
             visual = visual.index_select(0, image_index.to(visual.device))  # (I, P, D) -> (B, P, D)
-        hidden, _ = self.decoder.hidden_states(input_ids, visual, attention_mask)  # (B, T, D)
+        hidden = self.decoder.hidden_states(input_ids, visual, attention_mask)  # (B, T, D)
         keys = self.decoder.attention_keys(visual)  # (B, P, A)
         want_context = labels is not None and context_loss_weight > 0
         pooled = want_context and self.config.grounding_loss == "pooled"

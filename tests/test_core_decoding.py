@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from caption_model import Caption
-from caption_model.generation import beam_search, greedy_search, merge_wordpieces
+from caption_model.generation import (DEFAULT_NO_REPEAT_NGRAM_SIZE, banned_token_ids, beam_search, greedy_search,
+                                     merge_wordpieces)
 from caption_model.heatmap import phrase_maps
 from conftest import build_tiny_captioner, shapes_images
 
@@ -90,15 +91,33 @@ def test_cache_parity_with_random_model_and_long_captions(images):
 
 
 # --- greedy --------------------------------------------------------------------------------------------------
-def test_greedy_matches_step_by_step_argmax_of_the_full_forward(tiny_trained_captioner, images, greedy_caps):
+def _forbidden_next(model, prefix: list[int], no_repeat_ngram_size: int) -> list[int]:
+    """What decoding may not write after `prefix` (the generated tokens, no start token), written plainly: the
+    special tokens a caption never holds, and every token that would make an n-gram of the caption appear twice.
+    The references below search under the same rules as the product (compare like with like)."""
+    forbidden = set(banned_token_ids(model))
+    n = no_repeat_ngram_size
+    if n > 0 and len(prefix) >= n:
+        for token in range(model.config.vocab_size):
+            grams = [tuple((prefix + [token])[i:i + n]) for i in range(len(prefix) + 1 - n + 1)]
+            if grams[-1] in grams[:-1]:
+                forbidden.add(token)
+    return sorted(forbidden)
+
+
+@pytest.mark.parametrize("no_repeat_ngram_size", [DEFAULT_NO_REPEAT_NGRAM_SIZE, 0])
+def test_greedy_matches_step_by_step_argmax_of_the_full_forward(tiny_trained_captioner, images,
+                                                                 no_repeat_ngram_size):
     model = tiny_trained_captioner
     cfg = model.config
-    for image, cap in zip(images[:3], greedy_caps[:3]):
+    caps = model.caption_batch(images[:3], num_beams=1, max_length=MAX_LEN, no_repeat_ngram_size=no_repeat_ngram_size)
+    for image, cap in zip(images[:3], caps):
         ids = [cfg.bos_token_id]
         pixels = model.preprocess([image])
         with torch.no_grad():
             for _ in range(MAX_LEN):
                 logits = model(pixel_values=pixels, input_ids=torch.tensor([ids])).logits[0, -1]
+                logits[_forbidden_next(model, ids[1:], no_repeat_ngram_size)] = float("-inf")
                 ids.append(int(logits.argmax()))
                 if ids[-1] == cfg.eos_token_id:
                     break
@@ -153,9 +172,10 @@ def test_beam_search_finds_better_or_equal_captions_than_greedy(greedy_caps, bea
     assert sum(better_or_equal) > len(better_or_equal) / 2, [(g.score, b.score) for g, b in zip(greedy_caps, beam_caps)]
 
 
-def _reference_beam_search(model, image, K: int, max_length: int, length_penalty: float = 1.0):
+def _reference_beam_search(model, image, K: int, max_length: int, length_penalty: float, no_repeat_ngram_size: int):
     """Plain-python beam search with the same rules as generation.beam_search (finished hypotheses stay in the
-    beam at no cost; ranking by sum / length ** length_penalty), recomputing every prefix from scratch."""
+    beam at no cost; ranking by sum / length ** length_penalty; `_forbidden_next` tokens never chosen, the others
+    scored by the model's own log-probabilities), recomputing every prefix from scratch."""
     cfg = model.config
     pixels = model.preprocess([image])
     beams = [([], 0.0, False)]  # (tokens, sum of log-probs, finished)
@@ -168,6 +188,7 @@ def _reference_beam_search(model, image, K: int, max_length: int, length_penalty
                 logprobs = model(pixel_values=pixels.expand(len(live), -1, -1, -1), input_ids=ids).logits[:, -1]
                 logprobs = logprobs.float().log_softmax(-1)
             for b, row in zip(live, logprobs):
+                row[_forbidden_next(model, b[0], no_repeat_ngram_size)] = float("-inf")
                 top = row.topk(K)
                 for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
                     candidates.append((b[0] + [tok], b[1] + lp, tok == cfg.eos_token_id))
@@ -181,12 +202,15 @@ def _reference_beam_search(model, image, K: int, max_length: int, length_penalty
     return tokens, best[1] / max(len(best[0]), 1)
 
 
-@pytest.mark.parametrize("num_beams,length_penalty", [(3, 1.0), (2, 0.0)])
-def test_beam_search_matches_a_plain_reference_search(tiny_trained_captioner, images, num_beams, length_penalty):
+@pytest.mark.parametrize("num_beams,length_penalty,no_repeat_ngram_size",
+                         [(3, 1.0, DEFAULT_NO_REPEAT_NGRAM_SIZE), (2, 0.0, DEFAULT_NO_REPEAT_NGRAM_SIZE), (3, 1.0, 0)])
+def test_beam_search_matches_a_plain_reference_search(tiny_trained_captioner, images, num_beams, length_penalty,
+                                                      no_repeat_ngram_size):
     model = tiny_trained_captioner
-    caps = model.caption_batch(images[:3], num_beams=num_beams, max_length=10, length_penalty=length_penalty)
+    caps = model.caption_batch(images[:3], num_beams=num_beams, max_length=10, length_penalty=length_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram_size)
     for image, cap in zip(images[:3], caps):
-        tokens, score = _reference_beam_search(model, image, num_beams, 10, length_penalty)
+        tokens, score = _reference_beam_search(model, image, num_beams, 10, length_penalty, no_repeat_ngram_size)
         assert cap.token_ids == tokens
         assert cap.score == pytest.approx(score, abs=1e-4)
 

@@ -1,5 +1,5 @@
 """The project installs: a fresh virtualenv outside the repository gets `caption_model` (inference dependencies
-only, the COCO metric module, the `caption-images` script), and requirements.txt matches pyproject.toml.
+only, the COCO metric module, the `caption-images` script), and the lock files agree with pyproject.toml.
 
 Offline and fast: the venv sees this interpreter's packages (torch, ...) through a .pth file, and pip installs
 a copy of the project with --no-deps --no-build-isolation (the copy: an in-tree build writes build/ and
@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from caption_model.hub import space as hub_space
 
@@ -89,26 +90,81 @@ def test_the_console_script_runs_outside_the_repository(venv):
 def test_extras_and_pins():
     extras = PYPROJECT["optional-dependencies"]
     assert names(extras["train"]) == TRAINING_ONLY and names(extras["app"]) == APP_ONLY
-    assert {"caption-model", "pytest", "gradio-client", "mcp"} <= names(extras["dev"])
+    assert {"caption-model", "pytest", "gradio-client", "mcp", "uv"} <= names(extras["dev"])
     assert "caption-model[train,app]" in extras["dev"]
-    assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(PYPROJECT["dependencies"])  # as the Makefile installs
-    assert "torch==2.14.1 torchvision==0.29.1" in (ROOT / "Makefile").read_text()
+    assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(PYPROJECT["dependencies"])
+    assert "-r requirements-dev.txt" in (ROOT / "Makefile").read_text()  # make install installs the lock
 
 
-def test_requirements_files_agree_with_pyproject():
-    """requirements.txt is what the app installs: the inference dependencies + the app extra, the same lines."""
-    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    expected = PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["app"]
-    assert [line for line in lines if line] == expected
-    dev = [line.split("#")[0].strip() for line in (ROOT / "requirements-dev.txt").read_text().splitlines()]
-    assert [line for line in dev if line] == ["-e .[dev]"]
+def test_fast_moving_dependencies_stop_at_the_newest_major_version_tested():
+    """An upper bound on each package whose majors break us, one major above the locked version."""
+    declared = {Requirement(r).name.lower().replace("_", "-"): Requirement(r) for r in all_requirements()}
+    locked = pins(ROOT / "requirements.lock")
+    for name in ("transformers", "gradio", "huggingface-hub", "datasets", "accelerate", "mcp"):
+        upper = [spec for spec in declared[name].specifier if spec.operator == "<"]
+        assert upper, f"{name} has no upper bound in pyproject.toml"
+        next_major = int(locked[name].split(".")[0]) + 1
+        assert upper[0].version.split(".")[0] == str(next_major), (name, str(declared[name].specifier), locked[name])
+
+
+def all_requirements() -> list[str]:
+    return PYPROJECT["dependencies"] + [r for extra in PYPROJECT["optional-dependencies"].values() for r in extra]
+
+
+def pins(lock: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line of a lock file (the lines for other platforms included)."""
+    found = {}
+    for line in lock.read_text().splitlines():
+        line = line.split("#")[0].split(";")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            found[name.strip().lower().replace("_", "-")] = version.strip()
+    return found
+
+
+def test_the_lock_satisfies_pyproject():
+    """requirements.lock pins every dependency of every extra inside pyproject.toml's range: a range changed
+    without `make lock` fails here, not in a user's install."""
+    locked = pins(ROOT / "requirements.lock")
+    for line in all_requirements():
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("_", "-")
+        if name == "caption-model":
+            continue
+        assert name in locked, f"{line}: not in requirements.lock (run `make lock`)"
+        assert requirement.specifier.contains(locked[name], prereleases=True), \
+            f"{line}: requirements.lock has {locked[name]} (run `make lock`)"
+    assert all("==" in line for line in lock_lines(ROOT / "requirements.lock"))  # exact versions only
+
+
+def lock_lines(lock: Path) -> list[str]:
+    lines = [line.split("#")[0].strip() for line in lock.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+def test_requirements_txt_is_the_app_part_of_the_lock():
+    """requirements.txt (a Space, `pip install -r requirements.txt`) pins the inference + app dependencies at the
+    lock's versions, and nothing training-only; requirements-dev.txt is the lock plus the project."""
+    app, locked = pins(ROOT / "requirements.txt"), pins(ROOT / "requirements.lock")
+    assert all("==" in line for line in lock_lines(ROOT / "requirements.txt"))
+    assert {name: locked.get(name) for name in app} == app
+    expected = names(PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["app"])
+    assert expected <= set(app) and not TRAINING_ONLY & set(app)
+    dev = lock_lines(ROOT / "requirements-dev.txt")
+    assert dev == ["-r requirements.lock", "-e .[dev]"]
 
 
 def test_the_space_installs_inference_and_app_dependencies_only():
     requirements = hub_space.space_requirements(ROOT).splitlines()
-    expected = [r for r in PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["app"]
-                if hub_space.requirement_name(r) != "gradio"]  # gradio comes from the Space's sdk_version
+    expected = [line for line in lock_lines(ROOT / "requirements.txt")
+                if hub_space.requirement_name(line) != "gradio"]  # gradio comes from the Space's sdk_version
     assert requirements == expected
+
+
+def test_the_root_readme_is_a_space_card_on_the_locked_gradio():
+    front_matter = (ROOT / "README.md").read_text().split("---")[1]
+    assert f'sdk_version: "{hub_space.locked_gradio_version(ROOT)}"' in front_matter
+    assert f'python_version: "{hub_space.SPACE_PYTHON}"' in front_matter
 
 
 def test_the_readme_and_every_model_card_show_the_same_install_line():

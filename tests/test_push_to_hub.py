@@ -179,8 +179,6 @@ def test_model_card_metadata_and_text(checkpoint, on_fake_hub, tmp_path):
 
 
 def test_space_is_deployed_with_front_matter_and_variable(checkpoint, on_fake_hub, space_project):
-    import gradio
-
     assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
     space = on_fake_hub.repos[("space", SPACE)]
     assert space.sdk == "gradio"
@@ -193,12 +191,15 @@ def test_space_is_deployed_with_front_matter_and_variable(checkpoint, on_fake_hu
     assert not [p for p in files if "__pycache__" in p or p.endswith(".pyc")]
     assert "train.py" not in files and not [p for p in files if p.startswith("caption_model/training/")]
     requirements = files["requirements.txt"].decode()
-    assert "torch==" in requirements and "gradio_client" not in requirements
-    assert not [line for line in requirements.splitlines() if line.startswith("gradio")]
+    locked = hub_space.space_requirements(hub_space.PROJECT_ROOT)  # the project's requirements.txt, less gradio
+    assert requirements == locked and "torch==2.14.1" in requirements.splitlines()
+    assert all("==" in line for line in requirements.splitlines())  # exact versions, as CI tested them
+    assert "gradio" not in requirement_names(requirements)
     assert not {"datasets", "pycocoevalcap", "accelerate", "evaluate"} & requirement_names(requirements)
 
     meta = front_matter(files["README.md"].decode())
-    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == hub_space.locked_gradio_version(hub_space.PROJECT_ROOT)
+    assert meta["python_version"] == "3.11"
     assert meta["app_file"] == "app.py" and meta["models"] == [REPO]
     assert meta["title"] and meta["emoji"] and meta["license"] == "apache-2.0"
     assert 0 < len(meta["short_description"]) <= 60
@@ -450,13 +451,21 @@ def test_space_bundle_loads_and_captions_without_training_code(tiny_checkpoint, 
     assert proc.stdout.splitlines()[0].startswith(str(tmp_path / "space"))  # the bundle's copy, not the project
 
 
-def test_space_requirements_prefer_pyproject_app_extra(tmp_path):
-    (tmp_path / "requirements.txt").write_text("torch==2.14.1\ndatasets>=4.0\ngradio>=6.0,<7\n")
-    assert requirement_names(hub_space.space_requirements(tmp_path)) == {"torch"}
-    (tmp_path / "pyproject.toml").write_text(
-        '[project]\nname = "caption-model"\ndependencies = ["torch==2.14.1", "numpy"]\n'
-        '[project.optional-dependencies]\napp = ["gradio>=6.0,<7", "fastapi"]\ntrain = ["datasets>=4.0"]\n')
-    assert hub_space.space_requirements(tmp_path) == "torch==2.14.1\nnumpy\nfastapi\n"
+def test_space_requirements_are_the_locked_ones_less_gradio(tmp_path):
+    """The Space installs the project's locked requirements.txt (markers kept), gradio coming from sdk_version;
+    a requirements.txt that pins no gradio is refused before anything is staged."""
+    (tmp_path / "requirements.txt").write_text(
+        "# written by make lock\ntorch==2.14.1\n    # via caption-model\ngradio==6.31.0\ndatasets==5.2.0\n"
+        "pywin32==312 ; sys_platform == 'win32'\n")
+    assert hub_space.space_requirements(tmp_path) == "torch==2.14.1\npywin32==312 ; sys_platform == 'win32'\n"
+    assert hub_space.locked_gradio_version(tmp_path) == "6.31.0"
+    (tmp_path / "requirements.txt").write_text("torch==2.14.1\ngradio>=6.0,<7\n")
+    for name in ("app.py", "caption_model/__init__.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    with pytest.raises(hub_space.SpaceError, match="pins no gradio version"):
+        hub_space.stage_space_folder(tmp_path / "space", REPO, SPACE, project_root=tmp_path)
+    assert not (tmp_path / "space").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def test_controls_off_leave_greedy_and_beam_search_as_they_were(looping_model, i
                            .logits[0, -1].argmax()))
     assert caption.token_ids == ids[1:]
     beam = model.caption(images[0], num_beams=2, max_length=8, no_repeat_ngram_size=0, repetition_penalty=1.0)
-    assert beam.token_ids == _reference_beam_search(model, images[0], 2, 8)[0]
+    reference = _reference_beam_search(model, images[0], 2, 8, length_penalty=1.0, no_repeat_ngram_size=0)
+    assert beam.token_ids == reference[0]
 
 
 def test_defaults_and_invalid_values(looping_model, images):

@@ -3,7 +3,7 @@
 Every BERT Linear becomes a dynamic int8 linear (int8 weights, one scale per output row; activations quantised to
 8 bits per call). Where outputs decide between close words, int8 alone flips a few percent of captions
 (benchmarks/int8_quality.py), so: the tied vocabulary projection runs in int8 and then recomputes its best
-candidates' logits in fp32 (`refined_vocab_logits`), and the small fusion MLP keeps fp16 weights (fbgemm's fp16
+candidates' logits in fp32 (`RefinedVocabLogits`), and the small fusion MLP keeps fp16 weights (fbgemm's fp16
 GEMM, fp32 activations). The additive attention (the heatmap) and the once-per-image parts stay fp32.
 
 Weight bits: with AVX512-VNNI, u8 x s8 products accumulate straight into int32, so weights use all 8 bits. Without
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bert_parts import decoder_layers, encoder_layers
 from ..cached_step import Fn, StepKernels
 from ..modeling import FusionDecoder
 
@@ -99,17 +100,21 @@ class Fp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16"
 
 
-def refined_vocab_logits(approximate: Fn, weight: torch.Tensor, bias: torch.Tensor, k: int = REFINED_WORDS) -> Fn:
+class RefinedVocabLogits:
     """Logits over the vocabulary from the int8 projection, the `k` largest per row recomputed in fp32 from the
     model's own (tied, kept anyway) weights: the words decoding chooses between score as in fp32, the rest only
     enter the softmax's normaliser. Costs k dot products per row; reads a quarter of fp32's bytes."""
-    def logits(x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, V)
-        out = approximate(x)
-        top = out.topk(k, dim=-1).indices  # (N, k)
-        exact = torch.einsum("nd,nkd->nk", x, weight[top]) + bias[top]  # (N, k): fp32 logits of the candidates
-        return out.scatter_(-1, top, exact)
 
-    return logits
+    def __init__(self, approximate: Fn, weight: torch.Tensor, bias: torch.Tensor, k: int = REFINED_WORDS):
+        self.approximate = approximate  # (N, D) -> (N, V): the int8 projection
+        self.weight, self.bias, self.k = weight, bias, k  # (V, D), (V,): the fp32 projection
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, V)."""
+        out = self.approximate(x)
+        top = out.topk(self.k, dim=-1).indices  # (N, k)
+        exact = torch.einsum("nd,nkd->nk", x, self.weight[top]) + self.bias[top]  # (N, k): fp32 logits of these
+        return out.scatter_(-1, top, exact)
 
 
 def quantize_decoder(decoder: FusionDecoder, weight_bits: int = VNNI_WEIGHT_BITS) -> StepKernels:
@@ -129,15 +134,14 @@ def quantize_decoder(decoder: FusionDecoder, weight_bits: int = VNNI_WEIGHT_BITS
     with warnings.catch_warnings():  # torch.ao's deprecation notices, once per quantised layer
         warnings.simplefilter("ignore")
         qkv = []
-        for layer in decoder.bert.encoder.layer:  # rows of query, key, value stacked: (3D, D)
-            a = layer.attention.self
+        for a in decoder_layers(decoder.bert):  # rows of query, key, value stacked: (3D, D)
             stacked = int8_copy(torch.cat([a.query.weight, a.key.weight, a.value.weight]),
                                 torch.cat([a.query.bias, a.key.bias, a.value.bias]))
             qkv.append(stacked.functional())  # per-row scales: the same numbers as three separate calls
-        embeddings = decoder.bert.embeddings.word_embeddings.weight  # (V, D), tied to the output projection
-        vocab = refined_vocab_logits(int8_copy(embeddings, decoder.output_bias).functional(), embeddings,
+        embeddings = decoder.bert.get_input_embeddings().weight  # (V, D), tied to the output projection
+        vocab = RefinedVocabLogits(int8_copy(embeddings, decoder.output_bias).functional(), embeddings,
                                      decoder.output_bias)
-        quantize(decoder.bert.encoder, spec, mapping=mapping, inplace=True)
+        quantize(encoder_layers(decoder.bert), spec, mapping=mapping, inplace=True)
         for i, module in enumerate(decoder.head.fuse):
             if isinstance(module, nn.Linear):
                 decoder.head.fuse[i] = Fp16Linear(module.weight, module.bias)

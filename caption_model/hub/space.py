@@ -2,7 +2,9 @@
 
     stage_space_folder(out, repo_id, space_id) -> sorted file list: app.py, serving.py, caption_model/ without
         its training/ package, examples/, requirements.txt (inference + app dependencies), README.md (Space card)
-Gradio itself is pinned by the card's sdk_version, so it is left out of requirements.txt.
+The Space installs exactly what CI tested: the project's requirements.txt, which `make lock` writes with the
+locked versions of the inference + app dependencies. Gradio itself comes from the card's `sdk_version`, which is
+that locked version, so it is left out of requirements.txt.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ SERVING_FILES = ("serving.py",)  # beside app.py when the project has them
 PACKAGE = "caption_model"
 CACHES = ("__pycache__", "*.pyc", "*.pyo")
 NOT_SHIPPED = ("training",)  # subpackages of caption_model that never run in the Space
-# requirements.txt entries the Space does not install when the project has no pyproject.toml with an "app" extra:
-# training/evaluation only, and gradio (pinned through the Space's sdk_version).
-NOT_SERVED = {"datasets", "evaluate", "pycocoevalcap", "accelerate", "gradio", "gradio-client"}
+SPACE_PYTHON = "3.11"  # the Space's Python: the version the lock is resolved and tested for
+SDK_PACKAGE = "gradio"  # installed by the Space from the card's sdk_version
+# training/evaluation only: never installed in the Space, even if a requirements.txt lists them
+NOT_SERVED = {"datasets", "evaluate", "pycocoevalcap", "accelerate"}
 
 
 class SpaceError(ValueError):
@@ -38,30 +41,34 @@ def requirement_name(line: str) -> str | None:
     return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else None
 
 
-def space_requirements(root: Path) -> str:
-    """requirements.txt of the Space: inference + app dependencies, gradio left to sdk_version.
+def _requirement_lines(root: Path) -> list[str]:
+    """The project's requirements.txt without comments, options and blank lines (markers kept)."""
+    lines = [line.split("#")[0].strip() for line in (root / "requirements.txt").read_text().splitlines()]
+    return [line for line in lines if requirement_name(line)]
 
-    From pyproject.toml (`dependencies` + the `app` extra) when it declares them, else the project's
-    requirements.txt without the training-only packages.
-    """
-    pyproject = root / "pyproject.toml"
-    project = tomllib.loads(pyproject.read_text()).get("project", {}) if pyproject.is_file() else {}
-    app_extra = project.get("optional-dependencies", {}).get("app")
-    if project.get("dependencies") and app_extra:
-        lines = [*project["dependencies"], *app_extra]
-    else:
-        lines = (root / "requirements.txt").read_text().splitlines()
-    kept = [line for line in lines if requirement_name(line) and requirement_name(line) not in NOT_SERVED]
+
+def locked_gradio_version(root: Path) -> str:
+    """The gradio version requirements.txt pins: the Space's sdk_version. SpaceError when it pins none."""
+    for line in _requirement_lines(root):
+        if requirement_name(line) == SDK_PACKAGE and "==" in line:
+            return line.split(";")[0].split("==")[1].strip()
+    raise SpaceError(f"{root / 'requirements.txt'} pins no {SDK_PACKAGE} version (expected a line "
+                     f"'{SDK_PACKAGE}==X.Y.Z', as `make lock` writes): the Space's sdk_version must be the locked one")
+
+
+def space_requirements(root: Path) -> str:
+    """requirements.txt of the Space: the project's (exact versions), without gradio (the sdk_version) and without
+    training-only packages."""
+    kept = [line for line in _requirement_lines(root) if requirement_name(line) not in NOT_SERVED | {SDK_PACKAGE}]
     return "\n".join(dict.fromkeys(kept)) + "\n"
 
 
-def _space_card(repo_id: str, space_id: str, license: str):
-    import gradio
+def _space_card(repo_id: str, space_id: str, license: str, sdk_version: str):
     from huggingface_hub import SpaceCard, SpaceCardData
 
     data = SpaceCardData(
-        title="Image captions with word heatmaps", sdk="gradio", sdk_version=gradio.__version__,
-        app_file=APP_FILE, license=license, models=[repo_id], emoji="🔎", colorFrom="blue", colorTo="yellow",
+        title="Image captions with word heatmaps", sdk="gradio", sdk_version=sdk_version,
+        python_version=SPACE_PYTHON, app_file=APP_FILE, license=license, models=[repo_id], emoji="🔎", colorFrom="blue", colorTo="yellow",
         pinned=False, short_description="Captions an image and shows where each word looked",
     )
     body = (f"# Image captions with word heatmaps\n\nUpload an image: the model [{repo_id}]"
@@ -86,6 +93,7 @@ def stage_space_folder(out_dir: str | os.PathLike, repo_id: str, space_id: str, 
                        project_root: str | os.PathLike | None = None) -> list[str]:
     """Write the Space into `out_dir` -> sorted file list (see the module docstring for what goes in)."""
     root, out = check_project(project_root), Path(out_dir)
+    locked_gradio_version(root)  # refuse before writing anything
     out.mkdir(parents=True, exist_ok=True)
     for name in (APP_FILE, *SERVING_FILES):
         if (root / name).is_file():
@@ -95,7 +103,7 @@ def stage_space_folder(out_dir: str | os.PathLike, repo_id: str, space_id: str, 
         shutil.copytree(root / "examples", out / "examples", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(*CACHES, ".*"))
     (out / "requirements.txt").write_text(space_requirements(root))
-    _space_card(repo_id, space_id, license).save(out / "README.md")
+    _space_card(repo_id, space_id, license, locked_gradio_version(root)).save(out / "README.md")
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
 
 
