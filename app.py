@@ -29,8 +29,10 @@ import numpy as np
 from gradio_client.utils import decode_base64_to_binary
 from PIL import Image
 
+import mcp_server
 import serving
-from caption_model.generation import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
+from caption_model.generation import (DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY,
+                                     check_decoding_arguments, longest_caption)
 from caption_model.heatmap import legend_colours, overlay
 from caption_model.processing import load_image, original_size
 
@@ -38,10 +40,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODEL_CONCURRENCY = 1  # one forward at a time: torch already uses both vCPUs of a free Space
 QUEUE_MAX_SIZE = 64  # waiting requests beyond this get "queue full" instead of piling up
 DISPLAY_CACHE_SIZE = 8  # display copies kept between a caption and its views (one per concurrent upload)
-DISPLAY_MAX_SIDE = 768  # overlays are drawn on a copy this size at most (a 50 MP photo stays fast)
-# words never shown first: the first other word (a colour, an object...) is selected after a caption
-STOP_WORDS = frozenset("a an the of to and in on at with is are it its there this that left right above below "
-                       "two three single image shapes plain background".split())
+DISPLAY_MAX_SIDE = serving.DISPLAY_MAX_SIDE  # overlays are drawn on a copy this size at most
+STOP_WORDS = serving.STOP_WORDS  # words never shown first: the first other word is selected after a caption
 
 
 def uploaded_file(payload: dict[str, Any] | str | None) -> tuple[str | bytes | None, str]:
@@ -71,9 +71,7 @@ class Result:
 
 
 def _default_word(words: list[str]) -> int | None:
-    if not words:
-        return None
-    return next((i for i, w in enumerate(words) if w not in STOP_WORDS), 0)
+    return serving.first_content_word(words)
 
 
 class CaptionUI:
@@ -119,7 +117,7 @@ class CaptionUI:
             image: the image: an https URL or a data URL (data:image/png;base64,...); from the UI, an upload.
             decoding: "beam" (beam search, better captions) or "greedy" (faster).
             num_beams: beams for beam search, 1 to 5.
-            max_length: longest caption in tokens.
+            max_length: longest caption in tokens (at most the model's positions less one).
             length_penalty: beam search only; above 1 favours longer captions.
             no_repeat_ngram_size: never repeat a run of this many tokens (0: off); stops loops.
             repetition_penalty: above 1 makes words already written less likely (1: off).
@@ -134,6 +132,11 @@ class CaptionUI:
         if source is None:
             raise gr.Error("No image yet: upload one, paste it from the clipboard, use the webcam or pick an example.")
         beams = 1 if decoding == "greedy" else max(1, min(5, int(num_beams)))
+        try:  # the settings first: their errors name the setting, not the file
+            check_decoding_arguments(self.service.captioner, beams, max_length, no_repeat_ngram_size,
+                                     repetition_penalty)
+        except (TypeError, ValueError) as error:
+            raise gr.Error(str(error), print_exception=False) from error
         try:
             picture, result = self.service.caption(source, beams, max_length, length_penalty, no_repeat_ngram_size,
                                                    repetition_penalty, display_side=DISPLAY_MAX_SIDE)
@@ -242,7 +245,8 @@ def create_demo(service: serving.CaptionService) -> gr.Blocks:
                     )
                     num_beams = gr.Slider(1, 5, value=3, step=1, label="Beam size")
                 with gr.Accordion("Advanced", open=False):
-                    max_length = gr.Slider(2, 60, value=30, step=1, label="Max length (tokens)")
+                    longest = longest_caption(service.captioner)  # the decoder's positions
+                    max_length = gr.Slider(1, longest, value=min(30, longest), step=1, label="Max length (tokens)")
                     length_penalty = gr.Slider(
                         0.0, 2.0, value=1.0, step=0.1, label="Length penalty (beam search; > 1 favours longer)"
                     )
@@ -353,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                                         device=args.device)
     except serving.ModelLoadError as error:
         sys.exit(f"app.py: {error}")
-    serving.serve(service, create_demo(service), args.host, args.port)
+    serving.serve(service, create_demo(service), args.host, args.port, mcp_server.build_mcp_server(service))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import numpy as np
@@ -39,6 +39,9 @@ from caption_model.heatmap import DEFAULT_INPUT_SIZE, cell_geometry
 from caption_model.hub.card import describe_training_data, read_json
 from caption_model.processing import load_image
 
+if TYPE_CHECKING:
+    from mcp.server.fastmcp import FastMCP
+
 # --precision: "auto" (= "int8"): the fast mode chosen for this CPU; or one forced (caption_model.cpu.fast_mode)
 PRECISIONS = ("auto", "int8") + FAST_MODES
 
@@ -47,7 +50,13 @@ LOCAL_CHECKPOINT = ROOT / "checkpoints" / "shapes" / "best"  # where `python tra
 CACHE_CHECKPOINT = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "caption_model" / "shapes" / "best"
 )  # used instead on a Space, where only temp/cache directories are written
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # largest upload accepted by the UI and by /predict
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # largest upload accepted by the UI, /predict and the MCP tool
+DISPLAY_MAX_SIDE = 768  # overlays are drawn on a copy this size at most (a 50 MP photo stays fast)
+# words whose heatmap is never shown first (UI) or returned by default (MCP): the first other word is
+STOP_WORDS = frozenset("a an the of to and in on at with is are it its there this that left right above below "
+                       "two three single image shapes plain background".split())
+MCP_MOUNT_PATH = "/gradio_api/mcp"  # where Gradio's own MCP server was: client configurations keep working
+SHUTDOWN_TIMEOUT_S = 3  # at SIGTERM, open connections (a browser's event stream) get this long to finish
 
 
 class ModelLoadError(RuntimeError):
@@ -248,6 +257,13 @@ def start_service(model: str | None, precision: str = "auto", threads: int | Non
     return CaptionService(captioner, model_id)
 
 
+def first_content_word(words: list[str]) -> int | None:
+    """The index of the word whose heatmap says most: the first that is not a STOP_WORDS word (None: no words)."""
+    if not words:
+        return None
+    return next((i for i, word in enumerate(words) if word not in STOP_WORDS), 0)
+
+
 def word_maps(result: Caption, grid: tuple[int, int]) -> np.ndarray:
     """The caption's attention as float32 (len(words), gh, gw), also when the caption is empty."""
     return np.asarray(result.attention, dtype=np.float32).reshape(len(result.words), *grid)
@@ -319,10 +335,20 @@ def _add_routes(app: FastAPI, service: CaptionService) -> None:
                              "model": service.model_id})
 
 
-def create_app(service: CaptionService, demo: gr.Blocks) -> FastAPI:
-    """One FastAPI app, one model: `demo` (a Blocks built over `service`) at /, POST /predict and GET /health."""
-    app = FastAPI(title="Image captioner", docs_url=None, redoc_url=None)
+def create_app(service: CaptionService, demo: gr.Blocks, mcp: FastMCP | None = None) -> FastAPI:
+    """One FastAPI app, one model: `demo` (a Blocks built over `service`) at /, POST /predict, GET /health and,
+    given one, the `mcp` server (mcp_server.py) at its MOUNT_PATH, /gradio_api/mcp/."""
+    lifespan = None
+    if mcp is not None:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI):
+            async with mcp.session_manager.run():  # the MCP transport's task group, for the app's lifetime
+                yield
+
+    app = FastAPI(title="Image captioner", docs_url=None, redoc_url=None, lifespan=lifespan)
     _add_routes(app, service)
+    if mcp is not None:
+        app.mount(MCP_MOUNT_PATH, mcp.streamable_http_app())  # before the Blocks at "/", which would take the path
     app = gr.mount_gradio_app(
         app,
         demo,
@@ -332,7 +358,7 @@ def create_app(service: CaptionService, demo: gr.Blocks) -> FastAPI:
         max_file_size=MAX_UPLOAD_BYTES,
         ssr_mode=False,
         show_error=False,  # gr.Error messages (ours) are shown; other exceptions' text (paths...) is not
-        mcp_server=True,  # the /caption endpoint as an MCP tool at /gradio_api/mcp/, described by its docstring
+        mcp_server=False,  # ours (mcp_server.py) answers JSON, typed parameters and images at /gradio_api/mcp/
         theme=gr.themes.Default(primary_hue="orange"),
     )
     # Gradio refuses input paths it did not receive or cache only once the Blocks "has launched", which
@@ -341,13 +367,14 @@ def create_app(service: CaptionService, demo: gr.Blocks) -> FastAPI:
     return app
 
 
-def serve(service: CaptionService, demo: gr.Blocks, host: str, port: int) -> None:
-    """Serve create_app(service, demo) with uvicorn until interrupted."""
+def serve(service: CaptionService, demo: gr.Blocks, host: str, port: int, mcp: FastMCP | None = None) -> None:
+    """Serve create_app(service, demo, mcp) with uvicorn until interrupted (SIGTERM or Ctrl-C)."""
     import uvicorn
 
     print(
         f"Serving {service.model_id} ({service.precision}, {torch.get_num_threads()} CPU threads) "
-        f"on http://{host}:{port}",
+        f"on http://{host}:{port}" + (f", MCP at http://{host}:{port}{MCP_MOUNT_PATH}/" if mcp else ""),
         flush=True,
     )
-    uvicorn.run(create_app(service, demo), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(service, demo, mcp), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)

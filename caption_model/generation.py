@@ -302,11 +302,7 @@ def generate(model: CaptionerModel, pixel_values: torch.Tensor, num_beams: int =
     no_repeat_ngram_size (0 = off) and repetition_penalty (1.0 = off): see the module docstring."""
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: load it with from_pretrained or build it with from_backbones")
-    if not 1 <= int(num_beams) <= 16:
-        raise ValueError(f"num_beams must be between 1 and 16, got {num_beams}")
-    if not 1 <= int(max_length) <= model.config.max_position_embeddings - 1:
-        raise ValueError(f"max_length must be between 1 and {model.config.max_position_embeddings - 1}, got {max_length}")
-    check_repetition_control(no_repeat_ngram_size, repetition_penalty)
+    check_decoding_arguments(model, num_beams, max_length, no_repeat_ngram_size, repetition_penalty)
     control = dict(no_repeat_ngram_size=int(no_repeat_ngram_size), repetition_penalty=float(repetition_penalty))
     was_training = model.training
     if was_training:  # eval()/train() walk every module: only when needed
@@ -325,6 +321,22 @@ def generate(model: CaptionerModel, pixel_values: torch.Tensor, num_beams: int =
     finally:
         if was_training:
             model.train()
+
+
+def longest_caption(model: CaptionerModel) -> int:
+    """The most tokens a caption of this model can have: its decoder's positions, less the start token."""
+    return model.config.max_position_embeddings - 1
+
+
+def check_decoding_arguments(model: CaptionerModel, num_beams: int, max_length: int,
+                             no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM_SIZE,
+                             repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> None:
+    """ValueError naming the first argument out of its range (before any image is read)."""
+    if not 1 <= int(num_beams) <= 16:
+        raise ValueError(f"num_beams must be between 1 and 16, got {num_beams}")
+    if not 1 <= int(max_length) <= longest_caption(model):
+        raise ValueError(f"max_length must be between 1 and {longest_caption(model)}, got {max_length}")
+    check_repetition_control(no_repeat_ngram_size, repetition_penalty)
 
 
 def check_repetition_control(no_repeat_ngram_size: int, repetition_penalty: float) -> None:

@@ -52,10 +52,11 @@ def serve(app, timeout: float = 60.0) -> Iterator[str]:
 def build_app(captioner, model_id: str):
     """The app as `python app.py` serves it: the Blocks UI over one CaptionService, mounted beside the HTTP routes."""
     import app
+    import mcp_server
     import serving
 
     service = serving.CaptionService(captioner, model_id)
-    return serving.create_app(service, app.create_demo(service))
+    return serving.create_app(service, app.create_demo(service), mcp_server.build_mcp_server(service))
 
 
 def png_bytes(image: Image.Image) -> bytes:
