@@ -48,6 +48,7 @@ CACHE_CHECKPOINT = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "caption_model" / "shapes" / "best"
 )  # used instead on a Space, where only temp/cache directories are written
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # largest upload accepted by the UI and by /predict
+SHUTDOWN_TIMEOUT_S = 3  # at SIGTERM, open connections (a client's event stream) get this long to finish
 
 
 class ModelLoadError(RuntimeError):
@@ -350,4 +351,5 @@ def serve(service: CaptionService, demo: gr.Blocks, host: str, port: int) -> Non
         f"on http://{host}:{port}",
         flush=True,
     )
-    uvicorn.run(create_app(service, demo), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(service, demo), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
