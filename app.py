@@ -332,10 +332,13 @@ def _int_env(name: str) -> int | None:
         sys.exit(f"app.py: ${name} must be a whole number of threads, got {value!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, then serving loads the model once and serves this UI until interrupted."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; each default comes from its environment variable (a Space sets them as variables)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="Hub repo id or checkpoint folder (default: $CAPTION_MODEL, then a local one)")
+    parser.add_argument("--revision", default=os.environ.get("CAPTION_MODEL_REVISION") or None,
+                        help="branch, tag or commit of a Hub model (default $CAPTION_MODEL_REVISION, else main; "
+                             "push_to_hub.py --revision sets it on the Space)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--precision", choices=serving.PRECISIONS, default=os.environ.get("CAPTION_PRECISION", "auto"),
@@ -349,12 +352,18 @@ def main(argv: list[str] | None = None) -> None:
                         default=os.environ.get("CAPTION_DEVICE", "auto"),
                         help="where the model runs (default auto, $CAPTION_DEVICE: a GPU if there is one, half "
                              "precision there; --precision int8 applies on the CPU only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, then serving loads the model once and serves this UI until interrupted."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     try:
         service = serving.start_service(args.model, precision=args.precision, threads=args.threads,
-                                        device=args.device)
+                                        device=args.device, revision=args.revision)
     except serving.ModelLoadError as error:
         sys.exit(f"app.py: {error}")
     serving.serve(service, create_demo(service), args.host, args.port, mcp_server.build_mcp_server(service))

@@ -10,6 +10,7 @@ Exit codes: 0 done, 1 Hub/network failure, 2 bad checkpoint, arguments or projec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from caption_model.hub.card import DEFAULT_LICENSE
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default=DEFAULT_LICENSE, help=f"license id for the cards (default {DEFAULT_LICENSE})")
     p.add_argument("--dataset", default=None,
                    help="Hub dataset id for the card (default: the source that training_config.json records)")
+    p.add_argument("--install-source", default=None, metavar="GIT_URL",
+                   help="where the model card's install line installs caption_model from, e.g. "
+                        "https://github.com/OWNER/REPO or ...@v1.0 (default: $CAPTION_MODEL_SOURCE, else this "
+                        "clone's origin remote)")
+    p.add_argument("--space-token", default=os.environ.get("HF_SPACE_TOKEN"), metavar="TOKEN",
+                   help="with --private --space: a read token the Space loads the private model with (stored as "
+                        "its secret HF_TOKEN; default $HF_SPACE_TOKEN)")
     p.add_argument("--dry-run", action="store_true", help="write the folder(s) that would be uploaded; no network")
     p.add_argument("--dry-run-dir", default=None, help="where --dry-run writes (default: a new temporary folder)")
     return p
@@ -41,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dry_run or args.dry_run_dir:
             out = dry_run(args.checkpoint_dir, args.repo_id, args.dry_run_dir, space_id=args.space,
-                          license=args.license, dataset=args.dataset)
+                          license=args.license, dataset=args.dataset, install_source=args.install_source,
+                          private=args.private, space_token=args.space_token)
             print(f"dry run done: nothing was uploaded; inspect {out}")
             return 0
         result = publish(args.checkpoint_dir, args.repo_id, private=args.private,
                          commit_message=args.commit_message, revision=args.revision, space_id=args.space,
-                         license=args.license, dataset=args.dataset)
+                         license=args.license, dataset=args.dataset, install_source=args.install_source,
+                         space_token=args.space_token)
     except SpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         print("Nothing was uploaded. Run push_to_hub.py from the project that holds app.py.", file=sys.stderr)

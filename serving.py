@@ -128,9 +128,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_captioner(model: str, precision: str = "auto", device: str = "cpu") -> ImageCaptioner:
-    """Load `model` (a checkpoint folder or a Hub repo id) in eval mode on `device` ("auto": a GPU if there is
-    one). On the CPU in the fast mode chosen for this CPU (precision "auto" or "int8"; or forced: "int8-vnni",
+def load_captioner(model: str, precision: str = "auto", device: str = "cpu",
+                   revision: str | None = None) -> ImageCaptioner:
+    """Load `model` (a checkpoint folder, or a Hub repo id at `revision`: a branch, tag or commit; default main) in
+    eval mode on `device` ("auto": a GPU if there is one). On the CPU in the fast mode chosen for this CPU (precision "auto" or "int8"; or forced: "int8-vnni",
     "int8-avx2"; "fp32": the weights as trained); on a GPU in half precision (CaptionService captions under
     autocast; the int8 modes are CPU-only). ModelLoadError says why not."""
     if precision not in PRECISIONS:
@@ -148,15 +149,18 @@ def load_captioner(model: str, precision: str = "auto", device: str = "cpu") -> 
         raise ModelLoadError(f"model folder {model!r} does not exist")
     else:
         source = model
+    if revision and path.is_dir():
+        raise ModelLoadError(f"a revision ({revision!r}) applies to a Hub repo id, not to the folder {model!r}")
     try:
-        captioner = ImageCaptioner.from_pretrained(source)
+        captioner = ImageCaptioner.from_pretrained(source, revision=revision or None)
     except Exception as error:  # hub, IO and key errors all mean "cannot serve this model"
         where = (
             "HF_HUB_OFFLINE is set, so only the local Hub cache was searched; download it first or unset it"
             if _is_offline()
             else "expected a local checkpoint folder or a Hub model repo id (set HF_TOKEN for a private repo)"
         )
-        raise ModelLoadError(f"could not load model {model!r}: {type(error).__name__}: {error}. {where}") from error
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelLoadError(f"could not load model {model!r}{at}: {type(error).__name__}: {error}. {where}") from error
     captioner.eval()
     if target.type != "cpu":
         captioner.to(target)
@@ -188,9 +192,10 @@ def half_precision_on_gpu(captioner: ImageCaptioner) -> contextlib.AbstractConte
 class CaptionService:
     """The loaded model shared by the UI and the HTTP routes: one forward at a time."""
 
-    def __init__(self, captioner: ImageCaptioner, model_id: str) -> None:
+    def __init__(self, captioner: ImageCaptioner, model_id: str, revision: str | None = None) -> None:
         self.captioner = captioner
         self.model_id = model_id
+        self.revision = revision  # of a Hub model; None: main (or a folder)
         self.training_data = training_data_of(model_id)  # e.g. "synthetic shapes", "Flickr8k"
         self._lock = threading.Lock()
 
@@ -247,14 +252,14 @@ def training_data_of(model_id: str) -> str:
 
 
 def start_service(model: str | None, precision: str = "auto", threads: int | None = None,
-                  device: str = "cpu") -> CaptionService:
-    """Set torch's CPU threads (`threads`, else the CPUs this process may use), resolve and load the model on
-    `device`, warm it up; ModelLoadError if there is no model to serve."""
+                  device: str = "cpu", revision: str | None = None) -> CaptionService:
+    """Set torch's CPU threads (`threads`, else the CPUs this process may use), resolve and load the model (at
+    `revision`, for a Hub id) on `device`, warm it up; ModelLoadError if there is no model to serve."""
     set_inference_threads(threads)
     model_id = resolve_model(model)
-    captioner = load_captioner(model_id, precision=precision, device=device)
+    captioner = load_captioner(model_id, precision=precision, device=device, revision=revision)
     warm_up(captioner)
-    return CaptionService(captioner, model_id)
+    return CaptionService(captioner, model_id, revision)
 
 
 def first_content_word(words: list[str]) -> int | None:
@@ -308,7 +313,8 @@ def _add_routes(app: FastAPI, service: CaptionService) -> None:
     def health() -> dict[str, Any]:
         """Liveness plus the model being served, its precision, the fast mode chosen for this CPU and why, and
         torch's CPU threads."""
-        return {"status": "ok", "model": service.model_id, "precision": service.precision,
+        return {"status": "ok", "model": service.model_id, "revision": service.revision or "main",
+                "precision": service.precision,
                 "fast_mode": service.fast_mode, "threads": torch.get_num_threads()}
 
     @app.post("/predict")

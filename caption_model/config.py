@@ -138,11 +138,19 @@ def _checked_offsets(offsets: Any) -> dict[str, list[float]]:
 
 
 # Hub metadata: one library name, task and tag list for the mixin's card and push_to_hub.py's card alike.
-LIBRARY_NAME = "pytorch"
+# The library is this package (the Hub knows no snippet for it: the card carries the install line and the code).
+LIBRARY_NAME = "caption-model"
 PIPELINE_TAG = "image-to-text"
 MODEL_TAGS = ["image-captioning", "image-to-text", "attention-heatmap", "resnet-50", "bert"]
 
-# Where the project lives and the one install line the README and every model card show (set the URL when the
-# repository is published under its real name).
+# Where the project lives: the README shows a placeholder; a published card shows the real source, which
+# push_to_hub.py takes from --install-source, $CAPTION_MODEL_SOURCE or the clone's git remote, and refuses this.
 PROJECT_URL = "https://github.com/USER/REPO"
-INSTALL_COMMAND = f'pip install "caption-model @ git+{PROJECT_URL}"'
+
+
+def install_command(source_url: str = PROJECT_URL) -> str:
+    """The pip line that installs this package from `source_url` (a git URL, optionally @tag)."""
+    return f'pip install "caption-model @ git+{source_url.removeprefix("git+")}"'
+
+
+INSTALL_COMMAND = install_command()  # the README's line

@@ -2,7 +2,8 @@
 
 It speaks the endpoints that uploads and downloads use: whoami, repo creation, README YAML validation, preupload,
 NDJSON commits (regular base64 files only: preupload answers uploadMode "regular" for every file, so no LFS/Xet
-server is needed), branches, repo info / revision info, tree and paths-info listings, Space variables, and
+server is needed), branches, repo info / revision info, tree and paths-info listings, Space variables, secrets and
+visibility settings, and
 `resolve/` downloads (HEAD and GET with X-Repo-Commit, ETag and Content-Length).
 
     with FakeHub(user="alice", token="hf_alice") as hub:
@@ -61,6 +62,7 @@ class Repo:
     sdk: str | None = None
     branches: dict[str, list[Commit]] = field(default_factory=dict)  # branch -> commits, oldest first
     variables: dict[str, dict] = field(default_factory=dict)  # Space variables: key -> {"value", "description"}
+    secrets: dict[str, dict] = field(default_factory=dict)  # Space secrets: key -> {"value", "description"}
     restarts: int = 0  # Space restarts requested
 
     def head(self, revision: str = "main") -> Commit | None:
@@ -347,6 +349,17 @@ class _Handler(BaseHTTPRequestHandler):
                 repo.variables[payload["key"]] = {"value": payload["value"],
                                                   "description": payload.get("description")}
             return self._json(200, {k: {"key": k, **v, "updatedAt": _now()} for k, v in repo.variables.items()})
+        if action == "secrets" and repo_type == "space" and method == "POST":
+            repo = self._repo(repo_type, repo_id, write=True)
+            payload = json.loads(body)
+            repo.secrets[payload["key"]] = {"value": payload["value"], "description": payload.get("description")}
+            return self._json(200, {})
+        if action == "settings" and method == "PUT":
+            repo = self._repo(repo_type, repo_id, write=True)
+            payload = json.loads(body)
+            if "visibility" in payload or "private" in payload:
+                repo.private = payload.get("visibility") == "private" or bool(payload.get("private"))
+            return self._json(200, {})
         raise _HubError(404, f"Not found: {method} /api/{repo_type}s/{repo_id}/{rest}")
 
     def _commit_at(self, repo: Repo, revision: str) -> Commit:

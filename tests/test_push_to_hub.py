@@ -107,6 +107,14 @@ def space_project(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def install_source(monkeypatch) -> str:
+    """The git URL cards point at (push_to_hub refuses the README's placeholder and this clone has no remote)."""
+    source = "https://github.com/acme/grounded-captioner"
+    monkeypatch.setenv("CAPTION_MODEL_SOURCE", source)
+    return source
+
+
 def run_cli(*args: str) -> int:
     return push_to_hub.main([str(a) for a in args])
 
@@ -155,7 +163,7 @@ def test_model_card_metadata_and_text(checkpoint, on_fake_hub, tmp_path):
     (tmp_path / "README.md").write_text(readme)
 
     meta = metadata_load(tmp_path / "README.md")
-    assert meta["library_name"] == "pytorch"
+    assert meta["library_name"] == "caption-model"  # this package: the card body says how to install and load it
     assert meta["pipeline_tag"] == "image-to-text"
     assert meta["license"] == "mit"
     assert meta["datasets"] == ["jxie/flickr8k"]
@@ -169,13 +177,35 @@ def test_model_card_metadata_and_text(checkpoint, on_fake_hub, tmp_path):
     assert results["BLEU-4"].metric_value == pytest.approx(0.2134)
     assert results["BLEU-4"].dataset_type == "jxie/flickr8k" and results["BLEU-4"].dataset_split == "test"
     assert results["BLEU-4"].task_type == "image-to-text"
+    assert results["BLEU-1"].metric_type == results["BLEU-4"].metric_type == "bleu"
+    assert (results["BLEU-1"].metric_args, results["BLEU-4"].metric_args) == ({"max_order": 1}, {"max_order": 4})
 
     body = card.text
     assert "| BLEU-4 | 0.2134 |" in body
     assert "![" in body and "(samples.png)" in body
     assert f'ImageCaptioner.from_pretrained("{REPO}")' in body
+    assert 'pip install "caption-model @ git+https://github.com/acme/grounded-captioner"' in body
+    assert "USER/REPO" not in body
     assert 'api_name="/caption"' in body and "handle_file(" in body
     assert "## Limits" in body and "Flickr8k" in body
+
+
+def test_a_card_never_points_at_the_placeholder_install_source(checkpoint, on_fake_hub, monkeypatch, capsys):
+    monkeypatch.delenv("CAPTION_MODEL_SOURCE")
+    assert run_cli(checkpoint, "--repo-id", REPO, "--install-source", "https://github.com/USER/REPO") == 1
+    assert "placeholder" in capsys.readouterr().err and ("model", REPO) not in on_fake_hub.repos
+    assert run_cli(checkpoint, "--repo-id", REPO, "--install-source", "git+https://gitlab.com/acme/cap.git@v1.2") == 0
+    body = on_fake_hub.repos[("model", REPO)].files["README.md"].decode()
+    assert 'pip install "caption-model @ git+https://gitlab.com/acme/cap.git@v1.2"' in body
+    assert "(https://gitlab.com/acme/cap)" in body  # the link a reader can open
+
+
+def test_a_card_of_local_data_has_no_model_index_pointing_at_a_fake_dataset(tmp_path):
+    config = {"image_size": 96, "encoder_stage": "layer2"}
+    shapes = card.render_model_card(config, repo_id=REPO, training={"source": "shapes"},
+                                    metrics={"test": {"object_f1": 0.98, "pointing_accuracy": 0.99}})
+    assert shapes.data.eval_results is None and not shapes.data.datasets  # no Hub dataset to point at
+    assert "| Object F1 | 0.98 |" in shapes.text  # the scores stay in the text
 
 
 def test_space_is_deployed_with_front_matter_and_variable(checkpoint, on_fake_hub, space_project):
@@ -301,11 +331,19 @@ def test_dry_run_writes_the_upload_folder_without_network(checkpoint, on_fake_hu
     assert front_matter((out / "model" / "README.md").read_text())["pipeline_tag"] == "image-to-text"
     assert folder_digest(checkpoint) == before
 
-    # The staged folders are exactly what a real push uploads.
+    # The staged folders are exactly what a real push uploads, but for the commit a real push preloads (the dry
+    # run has no commit to name).
     assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
+    commit = on_fake_hub.repos[("model", REPO)].head("main").oid
     for repo_type, repo_id, staged in (("model", REPO, out / "model"), ("space", SPACE, out / "space")):
-        uploaded = on_fake_hub.repos[(repo_type, repo_id)].files
+        uploaded = dict(on_fake_hub.repos[(repo_type, repo_id)].files)
         local = {p.relative_to(staged).as_posix(): p.read_bytes() for p in staged.rglob("*") if p.is_file()}
+        if repo_type == "space":
+            pushed, dry = uploaded.pop("README.md").decode(), local.pop("README.md").decode()
+            assert pushed.split("---")[2] == dry.split("---")[2]  # the body
+            pushed_meta, dry_meta = front_matter(pushed), front_matter(dry)
+            assert pushed_meta.pop("preload_from_hub") == [dry_meta.pop("preload_from_hub")[0] + f" {commit}"]
+            assert pushed_meta == dry_meta
         assert {name: uploaded[name] for name in local} == local
         assert set(uploaded) - set(local) == {".gitattributes"}
 
@@ -352,8 +390,9 @@ def test_space_folder_from_the_real_project(tmp_path):
     assert "caption_model/processing.py" in files and "caption_model/hub/card.py" in files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     assert "train.py" not in files and not [f for f in files if f.startswith("caption_model/training/")]
-    assert {f.split("/")[0] for f in files} <= {"app.py", "serving.py", "README.md", "requirements.txt",
-                                                 "caption_model", "examples"}
+    assert {f.split("/")[0] for f in files} <= {"app.py", "serving.py", "mcp_server.py", "README.md",
+                                                 "requirements.txt", "caption_model", "examples"}
+    assert (tmp_path / "space" / "mcp_server.py").read_bytes() == (ROOT / "mcp_server.py").read_bytes()
     if (ROOT / "examples").is_dir():
         assert {f"examples/{p.name}" for p in (ROOT / "examples").iterdir() if p.is_file()} <= set(files)
 
@@ -492,7 +531,8 @@ def test_card_of_a_local_parquet_run_names_no_hub_dataset_and_no_local_path(tmp_
     assert str(tmp_path) not in text and "/tmp" not in text and "/home" not in text and "site-packages" not in text
     assert "initialised from `sentence-transformers/all-MiniLM-L6-v2`" in text
     assert model_card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"]
-    assert model_card.data.eval_results[0].dataset_name == "local parquet files"
+    assert model_card.data.eval_results is None  # no Hub dataset for a model-index entry to point at
+    assert "| BLEU-4 | 0.1 |" in text
     assert '"decoder": "sentence-transformers/all-MiniLM-L6-v2"' in text and "output_dir" not in text
     # published elsewhere: the folder is gone, so the card says no more than that it was local
     elsewhere = str(card.render_model_card(config, training={"source": "/data/flickr8k_parquet"}))
@@ -539,7 +579,7 @@ def test_card_from_a_config_alone_is_what_save_pretrained_can_write():
     from caption_model.config import LIBRARY_NAME, MODEL_TAGS, PIPELINE_TAG
 
     model_card = card.render_model_card(TINY_CONFIG)
-    assert model_card.data.library_name == LIBRARY_NAME == "pytorch"
+    assert model_card.data.library_name == LIBRARY_NAME == "caption-model"
     assert model_card.data.pipeline_tag == PIPELINE_TAG and set(MODEL_TAGS) <= set(model_card.data.tags)
     assert "## Limits" in str(model_card) and "8x8 encoder grid" in str(model_card)
     assert "training data is not recorded" in str(model_card) and model_card.data.eval_results is None
@@ -554,3 +594,62 @@ def test_card_says_how_the_heatmaps_are_read():
     assert "explains the chosen word" not in raw and "is the word's heatmap." in raw
     moved = str(card.render_model_card({**TINY_CONFIG, "heatmap_offsets": {"red": [0.5, -1.0], "circle": [0, 1]}}))
     assert "**Map offsets**: after training, each of 2 frequent words" in moved and "Map offsets" not in word
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the Space serves what was pushed: the branch, a private model, preloaded at build time
+def test_a_revision_push_is_served_from_that_revision(checkpoint, on_fake_hub, space_project, monkeypatch):
+    """A new repo whose weights went to branch `dev` only: the Space is told the branch, app.py reads it, and the
+    model loads from it (main holds no model)."""
+    import app
+    import serving
+
+    assert run_cli(checkpoint, "--repo-id", REPO, "--revision", "dev", "--space", SPACE) == 0
+    space = on_fake_hub.repos[("space", SPACE)]
+    assert space.variables[hub_space.SPACE_REVISION_VARIABLE]["value"] == "dev"
+    monkeypatch.setenv("CAPTION_MODEL", space.variables[SPACE_VARIABLE]["value"])  # what the Space's app sees
+    monkeypatch.setenv("CAPTION_MODEL_REVISION", "dev")
+    args = app.build_parser().parse_args([])
+    assert args.revision == "dev"
+    with pytest.raises(serving.ModelLoadError, match="revision"):
+        serving.load_captioner(REPO, precision="fp32", revision="no-such-branch")
+    with pytest.raises(serving.ModelLoadError):
+        serving.load_captioner(REPO, precision="fp32")  # main: no weights there
+    served = serving.load_captioner(os.environ["CAPTION_MODEL"], precision="fp32", revision=args.revision)
+    image = generate_shapes_example(np.random.default_rng(5)).image
+    assert served.caption(image).text == ImageCaptioner.from_pretrained(str(checkpoint)).caption(image).text
+    # pushing to main later points the Space back at main
+    assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
+    assert space.variables[hub_space.SPACE_REVISION_VARIABLE]["value"] == "main"
+
+
+def test_a_private_model_gets_a_private_space_that_can_load_it(checkpoint, fake_hub, on_fake_hub, space_project,
+                                                               monkeypatch, capsys):
+    import serving
+
+    assert run_cli(checkpoint, "--repo-id", REPO, "--private", "--space", SPACE) == 1  # no token for the Space
+    assert "--space-token" in capsys.readouterr().err
+    assert not on_fake_hub.repos  # refused before anything was created
+    assert run_cli(checkpoint, "--repo-id", REPO, "--private", "--space", SPACE,
+                   "--space-token", fake_hub.token) == 0
+    model, space = on_fake_hub.repos[("model", REPO)], on_fake_hub.repos[("space", SPACE)]
+    assert model.private and space.private
+    secret = space.secrets[hub_space.SPACE_TOKEN_SECRET]["value"]
+    # the Space: no login but its secret, as HF_TOKEN
+    point_client_at(monkeypatch, space_project, fake_hub.url, None)
+    with pytest.raises(serving.ModelLoadError):
+        serving.load_captioner(REPO, precision="fp32")  # without the secret: private
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert serving.load_captioner(REPO, precision="fp32").caption(
+        generate_shapes_example(np.random.default_rng(6)).image).words
+
+
+def test_the_space_preloads_the_pushed_model_at_build_time(checkpoint, on_fake_hub, space_project):
+    assert run_cli(checkpoint, "--repo-id", REPO, "--space", SPACE) == 0
+    model = on_fake_hub.repos[("model", REPO)]
+    meta = front_matter(on_fake_hub.repos[("space", SPACE)].files["README.md"].decode())
+    [entry] = meta["preload_from_hub"]
+    repo, files, commit = entry.split(" ")
+    assert repo == REPO and commit == model.head("main").oid
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files.split(","))
+    assert "README.md" not in files and "samples.png" not in files

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from caption_model.config import (CONFIG_FILE, INSTALL_COMMAND, LIBRARY_NAME, METRICS_FILE, MODEL_TAGS, PIPELINE_TAG,
-                                  PROJECT_URL, SAMPLES_FILE, STAGE_STRIDES, TRAINING_CONFIG_FILE)
+from caption_model.config import (CONFIG_FILE, LIBRARY_NAME, METRICS_FILE, MODEL_TAGS, PIPELINE_TAG, PROJECT_URL,
+                                  SAMPLES_FILE, STAGE_STRIDES, TRAINING_CONFIG_FILE, install_command)
 
 DEFAULT_LICENSE = "apache-2.0"
 FLICKR8K_DATASET = "jxie/flickr8k"
@@ -40,6 +40,7 @@ METRIC_NAMES = {
     "pointing_colour": ("Pointing accuracy, colour words", "accuracy"),
     "pointing_shape": ("Pointing accuracy, shape words", "accuracy"),
 }
+METRIC_ARGS = {f"bleu_{n}": {"max_order": n} for n in range(1, 5)}  # what tells BLEU-1..4 apart (all type bleu)
 NOT_METRICS = {"pointed_words", "num_images", "tp", "fp", "fn", "num_beams", "max_length", "max_eval_images",
                "pointed_colour_words", "pointed_shape_words", "offset_colour_x", "offset_colour_y", "offset_shape_x",
                "offset_shape_y"}  # counts, and signed offsets in cells (not scores)
@@ -214,10 +215,12 @@ def _fmt(value: float) -> str:
 # ------------------------------------------------------------------------------------------------------------
 def render_model_card(config: dict, *, repo_id: str | None = None, training: dict | None = None,
                       metrics: dict | None = None, has_samples: bool = False, space_id: str | None = None,
-                      license: str = DEFAULT_LICENSE, dataset: str | None = None) -> ModelCard:
+                      license: str = DEFAULT_LICENSE, dataset: str | None = None,
+                      install_source: str = PROJECT_URL) -> ModelCard:
     """The model card of a checkpoint from its dicts: config.json, training_config.json, parsed metrics.json.
 
     Only `config` is needed (what save_pretrained knows); the rest adds the data, scores and sample heatmaps.
+    `install_source`: the git URL the card's install line installs the package from.
     """
     training, metrics = training or {}, metrics or {}
     scores, context = parse_metrics(metrics)
@@ -230,7 +233,7 @@ def render_model_card(config: dict, *, repo_id: str | None = None, training: dic
         *_evaluation(scores, data, split),
         *(["", "## Sample heatmaps", "", f"![Generated captions with a heatmap per word]({SAMPLES_FILE})"]
           if has_samples else []),
-        *_usage(repo_id, space_id),
+        *_usage(repo_id, space_id, install_source),
         *_limits(data, grid),
         *_training_details(public_training_config(training, data)),
     ]
@@ -238,25 +241,29 @@ def render_model_card(config: dict, *, repo_id: str | None = None, training: dic
 
 
 def build_model_card(checkpoint_dir: str | os.PathLike, repo_id: str, *, space_id: str | None = None,
-                     license: str = DEFAULT_LICENSE, dataset: str | None = None) -> ModelCard:
+                     license: str = DEFAULT_LICENSE, dataset: str | None = None,
+                     install_source: str = PROJECT_URL) -> ModelCard:
     """The model card (README.md) for `checkpoint_dir` published as `repo_id`, from the folder's JSON files."""
     folder = Path(checkpoint_dir)
     return render_model_card(
         read_json(folder / CONFIG_FILE), repo_id=repo_id, training=read_json(folder / TRAINING_CONFIG_FILE),
         metrics=read_json(folder / METRICS_FILE), has_samples=(folder / SAMPLES_FILE).is_file(),
-        space_id=space_id, license=license, dataset=dataset,
+        space_id=space_id, license=license, dataset=dataset, install_source=install_source,
     )
 
 
 def _card_data(config: dict, repo_id: str | None, scores: dict[str, float], data: TrainingData, split: str,
                license: str) -> ModelCardData:
     """The YAML metadata: library, task, license, data, base models and a model-index of the scores."""
+    # model-index links each score to a Hub dataset (its `type` is the dataset's id): only data from the Hub gets
+    # one; local or generated data is named in the card's text instead, not passed off as an id.
     eval_results = [
-        EvalResult(task_type=PIPELINE_TAG, task_name="Image Captioning", dataset_type=data.hub_id or data.kind,
+        EvalResult(task_type=PIPELINE_TAG, task_name="Image Captioning", dataset_type=data.hub_id,
                    dataset_name=data.name, dataset_split=split, metric_type=METRIC_NAMES.get(k, (k, k))[1],
-                   metric_name=METRIC_NAMES.get(k, (k, k))[0], metric_value=round(v, 6))
+                   metric_name=METRIC_NAMES.get(k, (k, k))[0], metric_value=round(v, 6),
+                   metric_args=METRIC_ARGS.get(k))
         for k, v in scores.items()
-    ]
+    ] if data.hub_id else []
     data_tags = ["flickr8k"] if data.hub_id == FLICKR8K_DATASET else ["synthetic-shapes"] if data.kind == "shapes" \
         else []
     return ModelCardData(
@@ -319,17 +326,27 @@ def _evaluation(scores: dict[str, float], data: TrainingData, split: str) -> lis
     return lines
 
 
-def _usage(repo_id: str | None, space_id: str | None) -> list[str]:
+def _browsable(source: str) -> str:
+    """git+https://host/owner/repo.git@v1 -> https://host/owner/repo (the page a reader can open)."""
+    url = source.removeprefix("git+")
+    head, _, tail = url.rpartition("@")
+    if head and "/" not in tail:  # a trailing @ref, not the user of ssh://git@host
+        url = head
+    return url.removesuffix(".git")
+
+
+def _usage(repo_id: str | None, space_id: str | None, install_source: str) -> list[str]:
     repo, space = repo_id or "USER/MODEL", space_id or "USER/SPACE"
     browser = (f"Try it in the Space [{space_id}](https://huggingface.co/spaces/{space_id}): upload an image, "
                "read the caption, click a word to see its heatmap." if space_id else
                f"Deploy the demo Space with `python push_to_hub.py CHECKPOINT --repo-id {repo} --space USER/SPACE`.")
     return [
         "", "## How to use", "", "### From Python", "",
-        f"Install the `caption_model` package ([{PROJECT_URL}]({PROJECT_URL}); inference dependencies only):",
+        f"Install the `caption_model` package ([{_browsable(install_source)}]({_browsable(install_source)}); "
+        "inference dependencies only):",
         "",
         "```bash",
-        INSTALL_COMMAND,
+        install_command(install_source),
         "```",
         "",
         "```python",

@@ -7,8 +7,11 @@ Hub failures become PublishError with a message that says what happened and what
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +21,12 @@ from huggingface_hub import ModelCard
 
 from caption_model.hub.card import DEFAULT_LICENSE, REPO_ID, build_model_card
 from caption_model.hub.checks import check_checkpoint, smoke_test
-from caption_model.hub.space import SPACE_REVISION_VARIABLE, SPACE_VARIABLE, check_project, stage_space_folder
+from caption_model.config import PROJECT_URL
+from caption_model.hub.space import (PROJECT_ROOT, SPACE_REVISION_VARIABLE, SPACE_TOKEN_SECRET, SPACE_VARIABLE,
+                                     check_project, stage_space_folder)
+
+SOURCE_VARIABLE = "CAPTION_MODEL_SOURCE"  # where the card's install line points when --install-source is not given
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.txt")  # what from_pretrained downloads: the Space preloads them
 
 
 class PublishError(RuntimeError):
@@ -162,12 +170,48 @@ def check_write_access(api, repo_ids: list[str], endpoint: str) -> str:
     return user
 
 
-def _check_inputs(checkpoint_dir, repo_id: str, space_id: str | None, log: Callable[[str], None]) -> None:
+def resolve_install_source(source: str | None = None, project_root: Path = PROJECT_ROOT) -> str:
+    """The git URL the card's install line uses: `source`, else $CAPTION_MODEL_SOURCE, else this clone's `origin`
+    remote (an https or ssh URL). PublishError when none is found or it is the README's placeholder."""
+    source = source or os.environ.get(SOURCE_VARIABLE) or _git_origin(project_root)
+    how = (f"pass --install-source https://github.com/OWNER/REPO (or set ${SOURCE_VARIABLE}): the git URL the model "
+           "card tells readers to `pip install` the caption_model package from")
+    if not source:
+        raise PublishError(f"no install source for the model card: this clone has no http(s) or ssh 'origin' "
+                           f"remote; {how}")
+    if "USER/REPO" in source or source.removeprefix("git+").rstrip("/") == PROJECT_URL:
+        raise PublishError(f"the install source {source!r} is the README's placeholder; {how}")
+    if not re.match(r"^(git\+)?(https?|ssh)://\S+$", source):
+        raise PublishError(f"the install source must be a git URL such as https://github.com/OWNER/REPO "
+                           f"(optionally @TAG), got {source!r}")
+    return source
+
+
+def _git_origin(project_root: Path) -> str | None:
+    """This clone's `origin` URL as https (git@host:owner/repo -> https://host/owner/repo); None if it has none."""
+    try:
+        url = subprocess.run(["git", "-C", str(project_root), "remote", "get-url", "origin"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if match := re.match(r"^git@([^:]+):(.+)$", url):
+        url = f"https://{match.group(1)}/{match.group(2)}"
+    return url if re.match(r"^(https?|ssh)://", url) else None
+
+
+def _check_inputs(checkpoint_dir, repo_id: str, space_id: str | None, log: Callable[[str], None], *,
+                  private: bool = False, space_token: str | None = None) -> None:
     """Repo ids well formed, checkpoint complete and able to caption a test image: before any network call."""
     _check_repo_id(repo_id, "--repo-id")
     if space_id:
         _check_repo_id(space_id, "--space")
         check_project()
+        if private and not space_token:
+            raise PublishError(
+                f"--private --space: the Space cannot read a private model without a token. Create a read-only "
+                f"token at https://huggingface.co/settings/tokens and pass it with --space-token (it is stored as "
+                f"the Space secret {SPACE_TOKEN_SECRET}; the Space is made private too), or publish without "
+                "--private.")
     check_checkpoint(checkpoint_dir)
     caption = smoke_test(checkpoint_dir)
     log(f"checkpoint OK: {checkpoint_dir} captions a test image as {caption.text!r}")
@@ -177,11 +221,13 @@ def publish(checkpoint_dir: str | os.PathLike, repo_id: str, *, private: bool = 
             commit_message: str = "Upload image captioner", revision: str | None = None,
             space_id: str | None = None, license: str = DEFAULT_LICENSE, dataset: str | None = None,
             token: str | None = None, endpoint: str | None = None, log: Callable[[str], None] = print,
-            ) -> PublishResult:
-    """Check + smoke-test the checkpoint, then upload it (and the Space) in one commit per repo."""
+            install_source: str | None = None, space_token: str | None = None) -> PublishResult:
+    """Check + smoke-test the checkpoint, then upload it (and the Space) in one commit per repo. A private model's
+    Space is private too and reads the model with `space_token` (a Space secret)."""
     from huggingface_hub import HfApi
 
-    _check_inputs(checkpoint_dir, repo_id, space_id, log)
+    _check_inputs(checkpoint_dir, repo_id, space_id, log, private=private, space_token=space_token)
+    install_source = resolve_install_source(install_source)
 
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
@@ -189,7 +235,8 @@ def publish(checkpoint_dir: str | os.PathLike, repo_id: str, *, private: bool = 
     log(f"logged in to {endpoint} as {user}")
     with tempfile.TemporaryDirectory(prefix="push_to_hub_") as tmp:
         staged = Path(tmp) / "model"
-        card = build_model_card(checkpoint_dir, repo_id, space_id=space_id, license=license, dataset=dataset)
+        card = build_model_card(checkpoint_dir, repo_id, space_id=space_id, license=license, dataset=dataset,
+                                install_source=install_source)
         files = stage_model_folder(checkpoint_dir, staged, card)
         repo_url = _hub_call(f"creating model repo {repo_id}", repo_id, endpoint,
                              lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
@@ -201,15 +248,33 @@ def publish(checkpoint_dir: str | os.PathLike, repo_id: str, *, private: bool = 
         log(f"uploaded {len(files)} files to {repo_url} ({commit.commit_url})")
         result = PublishResult(repo_url=str(repo_url), commit_url=commit.commit_url, files=files, user=user)
         if space_id:
+            preload = preload_entry(repo_id, files, commit.oid)
             result.space_url, result.space_files = _publish_space(
-                api, endpoint, Path(tmp) / "space", repo_id, space_id, revision, license, commit_message, log)
+                api, endpoint, Path(tmp) / "space", repo_id, space_id, revision, license, commit_message, log,
+                private=private, space_token=space_token, preload=preload)
     return result
 
 
-def _publish_space(api, endpoint, staged, repo_id, space_id, revision, license, commit_message, log):
-    space_files = stage_space_folder(staged, repo_id, space_id, license=license)
+def preload_entry(repo_id: str, files: list[str], commit: str | None = None) -> str:
+    """The Space card's `preload_from_hub` line: the model files from_pretrained reads, at `commit` when known,
+    downloaded when the Space is built instead of at every cold start."""
+    needed = [name for name in files if any(fnmatch.fnmatch(name, p) for p in CHECKPOINT_PATTERNS)]
+    return " ".join([repo_id, ",".join(needed), *([commit] if commit else [])])
+
+
+def _publish_space(api, endpoint, staged, repo_id, space_id, revision, license, commit_message, log, *,
+                   private: bool = False, space_token: str | None = None, preload: str | None = None):
+    space_files = stage_space_folder(staged, repo_id, space_id, license=license, preload=preload)
     space_url = _hub_call(f"creating Space {space_id}", space_id, endpoint,
-                          lambda: api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True))
+                          lambda: api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True,
+                                                  private=private))
+    if private:  # an existing public Space is made private too: it would show a private model to everyone
+        _hub_call(f"making the Space {space_id} private", space_id, endpoint,
+                  lambda: api.update_repo_settings(space_id, private=True, repo_type="space"))
+    if space_token:
+        _hub_call(f"setting the Space secret {SPACE_TOKEN_SECRET}", space_id, endpoint,
+                  lambda: api.add_space_secret(space_id, SPACE_TOKEN_SECRET, space_token,
+                                               description="Read token: the app loads the private model with it"))
     before = _hub_call(f"reading Space {space_id}", space_id, endpoint,
                        lambda: api.repo_info(space_id, repo_type="space").sha)
     commit = _hub_call(f"uploading the Space {space_id}", space_id, endpoint,
@@ -217,10 +282,10 @@ def _publish_space(api, endpoint, staged, repo_id, space_id, revision, license, 
     _hub_call(f"setting the Space variable {SPACE_VARIABLE}", space_id, endpoint,
               lambda: api.add_space_variable(space_id, SPACE_VARIABLE, repo_id,
                                              description="Model repo the app loads"))
-    if revision and revision != "main":
-        _hub_call(f"setting the Space variable {SPACE_REVISION_VARIABLE}", space_id, endpoint,
-                  lambda: api.add_space_variable(space_id, SPACE_REVISION_VARIABLE, revision,
-                                                 description="Model revision the app loads"))
+    # always set: a later push to main must not leave the Space on an earlier push's branch
+    _hub_call(f"setting the Space variable {SPACE_REVISION_VARIABLE}", space_id, endpoint,
+              lambda: api.add_space_variable(space_id, SPACE_REVISION_VARIABLE, revision or "main",
+                                             description="Model revision the app loads"))
     if commit.oid == before:  # no file changed: restart so the app loads the new weights
         _hub_call(f"restarting the Space {space_id}", space_id, endpoint, lambda: api.restart_space(space_id))
     log(f"Space {space_url} updated ({len(space_files)} files), {SPACE_VARIABLE}={repo_id}")
@@ -229,19 +294,23 @@ def _publish_space(api, endpoint, staged, repo_id, space_id, revision, license, 
 
 def dry_run(checkpoint_dir: str | os.PathLike, repo_id: str, out_dir: str | os.PathLike | None = None, *,
             space_id: str | None = None, license: str = DEFAULT_LICENSE, dataset: str | None = None,
-            log: Callable[[str], None] = print) -> Path:
+            log: Callable[[str], None] = print, install_source: str | None = None, private: bool = False,
+            space_token: str | None = None) -> Path:
     """Write what publish() would upload into `out_dir` (model/ and, with a Space, space/); no network."""
-    _check_inputs(checkpoint_dir, repo_id, space_id, log)
+    _check_inputs(checkpoint_dir, repo_id, space_id, log, private=private, space_token=space_token)
+    install_source = resolve_install_source(install_source)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="push_to_hub_dry_run_"))
     if out.exists() and any(out.iterdir()):
         raise PublishError(f"--dry-run-dir {out} is not empty; give a new or empty folder")
-    card = build_model_card(checkpoint_dir, repo_id, space_id=space_id, license=license, dataset=dataset)
+    card = build_model_card(checkpoint_dir, repo_id, space_id=space_id, license=license, dataset=dataset,
+                            install_source=install_source)
     files = stage_model_folder(checkpoint_dir, out / "model", card)
     log(f"dry run: would upload to model repo {repo_id}, written to {out / 'model'}:")
     for name in files:
         log(f"  {name}  ({(out / 'model' / name).stat().st_size} bytes)")
     if space_id:
-        space_files = stage_space_folder(out / "space", repo_id, space_id, license=license)
+        space_files = stage_space_folder(out / "space", repo_id, space_id, license=license,
+                                         preload=preload_entry(repo_id, files))
         log(f"dry run: would upload to Space {space_id} (and set {SPACE_VARIABLE}={repo_id}), "
             f"written to {out / 'space'}:")
         for name in space_files:

@@ -19,9 +19,10 @@ from caption_model.hub.card import DEFAULT_LICENSE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SPACE_VARIABLE = "CAPTION_MODEL"  # serving reads the model repo id from this Space variable
-SPACE_REVISION_VARIABLE = "CAPTION_MODEL_REVISION"  # set only when publishing to a branch other than main
+SPACE_REVISION_VARIABLE = "CAPTION_MODEL_REVISION"  # the model branch the app loads (app.py --revision)
+SPACE_TOKEN_SECRET = "HF_TOKEN"  # a private model's Space reads it with this secret (huggingface_hub's variable)
 APP_FILE = "app.py"  # the UI, and the Space entry point
-SERVING_FILES = ("serving.py",)  # beside app.py when the project has them
+SERVING_FILES = ("serving.py", "mcp_server.py")  # beside app.py when the project has them
 PACKAGE = "caption_model"
 CACHES = ("__pycache__", "*.pyc", "*.pyo")
 NOT_SHIPPED = ("training",)  # subpackages of caption_model that never run in the Space
@@ -63,12 +64,12 @@ def space_requirements(root: Path) -> str:
     return "\n".join(dict.fromkeys(kept)) + "\n"
 
 
-def _space_card(repo_id: str, space_id: str, license: str, sdk_version: str):
+def _space_card(repo_id: str, space_id: str, license: str, sdk_version: str, preload: str | None = None):
     from huggingface_hub import SpaceCard, SpaceCardData
 
     data = SpaceCardData(
         title="Image captions with word heatmaps", sdk="gradio", sdk_version=sdk_version,
-        python_version=SPACE_PYTHON, app_file=APP_FILE, license=license, models=[repo_id], emoji="🔎", colorFrom="blue", colorTo="yellow",
+        python_version=SPACE_PYTHON, app_file=APP_FILE, preload_from_hub=[preload] if preload else None, license=license, models=[repo_id], emoji="🔎", colorFrom="blue", colorTo="yellow",
         pinned=False, short_description="Captions an image and shows where each word looked",
     )
     body = (f"# Image captions with word heatmaps\n\nUpload an image: the model [{repo_id}]"
@@ -90,8 +91,10 @@ def check_project(project_root: str | os.PathLike | None = None) -> Path:
 
 
 def stage_space_folder(out_dir: str | os.PathLike, repo_id: str, space_id: str, *, license: str = DEFAULT_LICENSE,
-                       project_root: str | os.PathLike | None = None) -> list[str]:
-    """Write the Space into `out_dir` -> sorted file list (see the module docstring for what goes in)."""
+                       project_root: str | os.PathLike | None = None, preload: str | None = None) -> list[str]:
+    """Write the Space into `out_dir` -> sorted file list (see the module docstring for what goes in). `preload`:
+    the card's `preload_from_hub` entry ("REPO file,file [commit]"), so the model is fetched when the Space is
+    built, not at every cold start."""
     root, out = check_project(project_root), Path(out_dir)
     locked_gradio_version(root)  # refuse before writing anything
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def stage_space_folder(out_dir: str | os.PathLike, repo_id: str, space_id: str, 
         shutil.copytree(root / "examples", out / "examples", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(*CACHES, ".*"))
     (out / "requirements.txt").write_text(space_requirements(root))
-    _space_card(repo_id, space_id, license, locked_gradio_version(root)).save(out / "README.md")
+    _space_card(repo_id, space_id, license, locked_gradio_version(root), preload).save(out / "README.md")
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
 
 
