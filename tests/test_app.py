@@ -108,7 +108,7 @@ def test_health_names_the_model(server, tiny_checkpoint):
     from caption_model.cpu.features import describe_cpu
 
     expected = choose_fast_mode("auto")  # what this CPU gets: int8-vnni with AVX512-VNNI, int8-avx2 elsewhere
-    assert response.json() == {"status": "ok", "model": tiny_checkpoint, "precision": "int8",
+    assert response.json() == {"status": "ok", "model": tiny_checkpoint, "revision": "main", "precision": "int8",
                                "fast_mode": {"mode": expected.mode, "reason": expected.reason, "cpu": describe_cpu()},
                                "threads": torch.get_num_threads()}
 
