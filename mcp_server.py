@@ -30,7 +30,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 import serving
-from caption_model.cli import heatmap_strip
+from caption_model.bulk.strips import heatmap_strip
 from caption_model.generation import (DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY, Caption,
                                      longest_caption)
 from caption_model.heatmap import cell_centres, overlay
@@ -183,7 +183,7 @@ def heatmap_png(service: serving.CaptionService, picture: Image.Image, result: C
     small = picture.copy()
     small.thumbnail((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BICUBIC)
     if shown is None:
-        drawn = heatmap_strip(small, result)
+        drawn = heatmap_strip(small, result, input_size=service.captioner.config.image_size)
     else:
         word_map = serving.word_maps(result, tuple(service.captioner.grid_size))[shown]
         drawn = overlay(small, word_map, alpha=0.5, input_size=service.captioner.config.image_size)

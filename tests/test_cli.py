@@ -19,7 +19,7 @@ from caption_model.cli import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, LABEL_HEIGHT, S
 from conftest import shapes_images
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--precision", "fp32", "--batch-size", "2", "--beams", "2", "--max-length", "12"]
+FAST = ["--precision", "fp32", "--batch-size", "2", "--beams", "2", "--max-length", "12", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_usage_errors_exit_2_and_say_what_was_expected(photos, tmp_path, tiny_ch
     cases = [
         ([photos / "missing.jpg", "--out", out], "does not exist"),
         ([f"{photos}/*.gif", "--out", out], "no file matches the pattern"),
-        ([photos / "readme.txt", "--out", tmp_path / "c.txt"], "expected --out to end in .jsonl or .csv"),
+        ([photos / "readme.txt", "--out", tmp_path / "c.txt"], "expected --out to end in .jsonl, .csv or .parquet"),
         ([photos, "--out", out, "--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be"),
         ([photos, "--out", out, "--beams", "17"], "--beams must be between 1 and 16"),
     ]

@@ -41,6 +41,7 @@ class _OneDNNFusion:
 
 
 ONEDNN_FUSION = _OneDNNFusion()
+WARM_CALLS = 3  # calls after which TorchScript runs a new input shape on its optimised graph: profile, optimise, run
 
 
 class FusedEncoder(nn.Module):
@@ -50,15 +51,30 @@ class FusedEncoder(nn.Module):
     after changing them.
     """
 
-    def __init__(self, graph: torch.jit.ScriptModule, dtype: torch.dtype):
+    def __init__(self, graph: torch.jit.ScriptModule, dtype: torch.dtype,
+                 warmed: set[tuple[int, ...]] = frozenset()):
         super().__init__()
         object.__setattr__(self, "graph", graph)  # not a submodule: no .to()/.train() walk through the graph
         self.dtype = dtype
+        self.warmed = set(warmed)  # input shapes the graph is optimised for
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(self.dtype, memory_format=torch.channels_last)
         with ONEDNN_FUSION:
+            self.warm(pixel_values)
             return self.graph(pixel_values).float()
+
+    def warm(self, pixel_values: torch.Tensor) -> None:
+        """Run the graph on zeros of a shape it has not seen yet. TorchScript profiles a graph on its first calls
+        with a new input shape (unfused kernels, slightly other numbers) and optimises it after; warmed first, an
+        image's features never depend on how many batches of its size came before it, so the same images get the
+        same captions whichever process or order captions them (caption-images on several processes)."""
+        shape = tuple(pixel_values.shape)
+        if shape not in self.warmed:
+            zeros = torch.zeros_like(pixel_values)
+            for _ in range(WARM_CALLS):
+                self.graph(zeros)
+            self.warmed.add(shape)
 
 
 def fold_batchnorms(encoder: ImageEncoder) -> None:
@@ -90,6 +106,6 @@ def compile_encoder(encoder: ImageEncoder, bf16: bool = False) -> FusedEncoder:
     with torch.no_grad(), warnings.catch_warnings(), ONEDNN_FUSION:
         warnings.simplefilter("ignore")  # TorchScript's maintenance-mode notices
         graph = torch.jit.freeze(torch.jit.trace(trunk, example, check_trace=False))
-        for _ in range(3):  # profile, optimise, run
+        for _ in range(WARM_CALLS):
             graph(example)
-    return FusedEncoder(graph, dtype)
+    return FusedEncoder(graph, dtype, warmed={tuple(example.shape)})
