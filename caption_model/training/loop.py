@@ -95,7 +95,7 @@ class Run:
     collate: CaptionCollator
     cache: FeatureCache | None
     total_steps: int
-    data_info: dict  # source_kind, num_train_images: recorded in training_config.json and metrics.json
+    data_info: dict  # source_kind, num_train_images, split: recorded in training_config.json and metrics.json
     # Saved in last/ for --resume: optimizer steps done, epoch and batches done in it, best validation score.
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batches_done": 0, "best_name": None,
                                                  "best_score": None})
@@ -188,7 +188,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, output)
-    data = load_training_data(cfg)
+    data, report = load_training_data(cfg, return_report=True)
     last = output / "last"
     recover_checkpoint(last)
     recover_checkpoint(output / "best")
@@ -212,7 +212,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     optimizer, scheduler, total_steps = _optimizer(cfg, model, len(data["train"]), accelerator.num_processes)
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run = Run(cfg, output, accelerator, data, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler,
-              collate, cache, total_steps, describe_data(cfg, data))
+              collate, cache, total_steps, describe_data(cfg, data, report))
     if resume:
         run.state.update(load_training_state(last, optimizer, scheduler))
         logger.info("resuming from %s at step %d (epoch %d)", last, run.state["step"], run.state["epoch"])
