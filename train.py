@@ -4,6 +4,7 @@
     python train.py --preset flickr8k --output-dir checkpoints/flickr8k      # GPU; also `accelerate launch train.py`
     python train.py --preset flickr8k-small --source my_images/               # images + metadata.csv (imagefolder)
     python train.py --eval-only --model checkpoints/shapes/best --preset shapes --split test
+    python train.py --preset flickr8k --print-config                          # the resolved config, as JSON
 
 Every preset field can be overridden on the command line (`--epochs 3 --batch-size 16 ...`); the resolved
 training config is saved with each checkpoint as training_config.json. The work is done by `caption_model.training`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 
@@ -31,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--eval-only", action="store_true", help="evaluate --model on --split and print metrics")
     parser.add_argument("--model", help="checkpoint folder or Hub id for --eval-only")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved training config (preset + overrides) as JSON and exit")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -70,9 +74,27 @@ def _caster(type_name: str):
     return cast
 
 
+def print_config(cfg: TrainConfig, preset: str) -> None:
+    """The resolved config as JSON, and its step schedule where the number of training images is known before
+    loading (the Flickr8k Hub copy: 6000; shapes: as configured)."""
+    from caption_model.training.config import schedule
+    from caption_model.training.sources import FLICKR8K_SPLIT_SIZES
+
+    train_images = cfg.shapes_sizes[0] if cfg.source == "shapes" else \
+        FLICKR8K_SPLIT_SIZES[0] if cfg.source == "jxie/flickr8k" else None
+    if cfg.max_train_images and train_images:
+        train_images = min(train_images, cfg.max_train_images)
+    plan = {"train_images": train_images, "captions_per_step": cfg.batch_size * (5 if cfg.all_captions else 1),
+            **schedule(cfg, train_images)} if train_images else None
+    print(json.dumps({"preset": preset, "config": dataclasses.asdict(cfg), "schedule": plan}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, args = parse_args(argv)
+    if args.print_config:
+        print_config(cfg, args.preset)
+        return 0
     try:
         if args.eval_only:
             if not args.model:

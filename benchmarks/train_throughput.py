@@ -5,13 +5,15 @@
     python benchmarks/train_throughput.py --images 64 --steps 3 --batch-size 8 --num-threads 1 --device cpu
 
 Makes (once, in --data-dir) a parquet dataset with the `jxie/flickr8k` schema (image struct + caption_0..caption_4):
-photo-like JPEGs in Flickr8k's sizes (about 500 x 375, landscape and portrait), five grammar captions each, split
-Karpathy-style as train.py splits any single-split source. Then, per preset, the real training loop
+photo-like JPEGs in Flickr8k's sizes (about 500 x 375, landscape and portrait), five grammar captions each, one
+split that train.py cuts by its seeded split like any one-split source. Then, per preset, the real training loop
 (`caption_model.training.loop`: setup, train_epoch, evaluate) with a random ResNet-50 and a random BERT of the
 preset's size with the bert-base-uncased vocabulary size (30522): one warm-up step, `--steps` steps that fill the
-feature cache, the same steps again from the cache, then a validation pass with the preset's beam (3).
-Prints images/s of each phase, peak device memory, the projected wall time of the preset's 10 Flickr8k epochs
-(6000 training images, validation on 1000 every epoch, validation + test at the end; scoring timed once on
+feature cache, the same steps again from the cache (each step with the preset's captions per image: all 5 for the
+Flickr8k presets), then a validation pass with the preset's beam (3).
+Prints images/s of each phase, peak device memory, the projected wall time of all the preset's Flickr8k epochs
+(early stopping may end a real run sooner; 6000 training images, validation on 1000 every epoch, validation + test
+at the end; scoring timed once on
 --score-captions captions) and one JSON line. Captioning is timed at its slowest: every caption runs to the
 preset's `eval_max_length` (30 tokens), where a trained model stops at its end token. Accelerate's loader reads one
 batch ahead, so a phase of N steps prepares N + 1 batches.
@@ -258,7 +260,8 @@ def bench_preset(args, preset: str, data: Path, tokenizer: Path, work: Path, sco
     result = {"batch_size": cfg.batch_size, "train_images": len(run.data["train"]), "setup_s": setup_s,
               **train_phases(run, args.steps), **eval_phase(run, args.eval_images)}
     result["peak_memory_gib"], result["memory_measured"] = peak_memory_gib(device)
-    result["projected_10_epochs_s"] = projected_seconds(cfg, result, scoring_s)
+    result["epochs"] = cfg.epochs
+    result["projected_epochs_s"] = projected_seconds(cfg, result, scoring_s)
     run.accelerator.end_training()
     return result
 
@@ -282,7 +285,7 @@ def report(preset: str, r: dict) -> None:
     print(f"  cached steps:        {r['cached_images_per_s']:8.1f} images/s")
     print(f"  evaluation, beam 3:  {r['eval_images_per_s']:8.1f} images/s ({r['eval_images']} images, captioning)")
     print(f"  peak memory:         {r['peak_memory_gib']:8.2f} GiB ({r['memory_measured']})")
-    print(f"  10 Flickr8k epochs:  {r['projected_10_epochs_s'] / 60:8.1f} min projected "
+    print(f"  {r['epochs']} Flickr8k epochs:  {r['projected_epochs_s'] / 60:8.1f} min projected "
           f"(data check and model setup here: {r['setup_s']:.0f} s)")
 
 

@@ -140,6 +140,12 @@ def in_threads(function: Callable[[Any], Any], items: Sequence[Any], threads: in
 def preprocess(images: Sequence[ImageInput] | ImageInput, config: CaptionerConfig) -> torch.Tensor:
     """Images (PIL, paths, bytes, arrays) -> (B, 3, S, S) normalised float pixels. The whole image is resized to
     S x S (no crop), so every part of it reaches the attention grid."""
+    # Why not the ResNet-50 weights' own resize-232 + centre-crop-224: on Flickr8k's 4:3 and 3:2 photos the crop drops
+    # 14-18% of each end of the long side (30-38% of the area, benchmarks/crop_coverage.py), and with it whatever a
+    # caption names there: no heatmap could point at it, and the maps would cover only part of the photo the user
+    # sees. The squash (also the SAT tutorial's, at 256 x 256) keeps all of it and costs the aspect ratio, which the
+    # weights tolerate: torchvision's IMAGENET1K_V2 recipe trains on RandomResizedCrop patches of aspect ratio 3/4 to
+    # 4/3 stretched to a square. A reasoned choice: grounding with the pretrained weights was not measured (offline).
     if isinstance(images, (Image.Image, str, os.PathLike, bytes, np.ndarray)):
         images = [images]
     batch = np.stack(in_threads(partial(_resized, side=config.image_size), images))  # (B, S, S, 3) uint8

@@ -17,9 +17,9 @@ from PIL import Image as PILImage
 from caption_model.training import data, sources
 from caption_model.training.collate import CaptionCollator
 from caption_model.training.data import clean_caption, load_caption_dataset, load_shapes_dataset
-from caption_model.training.sources import karpathy_split, karpathy_split_sizes
+from caption_model.training.sources import seeded_split, seeded_split_sizes
 
-N_IMAGES = 16  # Karpathy-style split of 16 images: 12/2/2
+N_IMAGES = 16  # seeded split of 16 images: 12/2/2
 CORRUPT = "img_03.jpg"  # truncated JPEG in folders, not an image in parquet
 EMPTY_CAPTION_IMAGE = "img_05.jpg"  # its third caption is blank
 
@@ -75,11 +75,12 @@ def test_kaggle_layout_with_commas_and_bad_records(tmp_path, caplog):
         dd, report = load_caption_dataset(tmp_path, return_report=True)
     assert_bad_records_counted(dd, report)
     assert "skipped 1 unreadable images, 1 empty captions" in caplog.text
-    # Karpathy split is computed before dropping the corrupt image: 12/2/2 minus one.
+    # the seeded split is computed before dropping the corrupt image: 12/2/2 minus one.
     assert sum(len(s) for s in dd.values()) == N_IMAGES - 1
     assert sorted(len(s) for s in dd.values())[-1] in (11, 12)
+    assert report.split_method == sources.SPLIT_SEEDED
     row = dd["train"][0]
-    assert set(row) == {"image", "captions", "image_id"}
+    assert set(row) == {"image", "captions", "references", "image_id"}
     assert row["captions"][0].startswith("a dog number ")  # commas inside the CSV field survived, then cleaned
 
 
@@ -91,9 +92,16 @@ def write_original_layout(root, image_dir="Flicker8k_Dataset", with_split_files=
     lines = [f"{n}#{k}\t{c}" for n in names for k, c in enumerate(captions_for(n))]
     (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
     if with_split_files:
-        for fname, members in (("Flickr_8k.trainImages.txt", names[:10]), ("Flickr_8k.devImages.txt", names[10:13]),
-                               ("Flickr_8k.testImages.txt", names[13:])):
-            (text / fname).write_text("\n".join(members) + "\n")
+        write_split_files(text)
+
+
+def write_split_files(folder) -> None:
+    """The official Flickr_8k.{train,dev,test}Images.txt files: 10/3/3 of the 16 images, in name order."""
+    names = image_names()
+    folder.mkdir(parents=True, exist_ok=True)
+    for fname, members in (("Flickr_8k.trainImages.txt", names[:10]), ("Flickr_8k.devImages.txt", names[10:13]),
+                           ("Flickr_8k.testImages.txt", names[13:])):
+        (folder / fname).write_text("\n".join(members) + "\n")
 
 
 def test_original_layout_uses_split_files(tmp_path):
@@ -102,15 +110,31 @@ def test_original_layout_uses_split_files(tmp_path):
     assert_bad_records_counted(dd, report)
     assert (len(dd["train"]), len(dd["validation"]), len(dd["test"])) == (9, 3, 3)  # corrupt img_03 was in train
     assert dd["validation"]["image_id"] == ["img_10.jpg", "img_11.jpg", "img_12.jpg"]
+    assert report.split_method == sources.SPLIT_FILES
+    assert sources.describe_split(report.split_method, report.kept).startswith("official Flickr8k split files")
 
 
-def test_original_layout_without_split_files_is_karpathy_split(tmp_path):
+def test_original_layout_without_split_files_is_a_seeded_split(tmp_path):
     write_original_layout(tmp_path, image_dir="Images", with_split_files=False)
     dd, report = load_caption_dataset(tmp_path, seed=3, return_report=True)
     assert_bad_records_counted(dd, report)
-    expected = karpathy_split(image_names(), seed=3)
+    expected = seeded_split(image_names(), seed=3)
     for split in sources.SPLITS:
         assert dd[split]["image_id"] == sorted(set(expected[split]) - {CORRUPT})
+    assert report.split_method == sources.SPLIT_SEEDED
+    assert sources.describe_split(report.split_method, report.kept, seed=3) == (
+        "seeded 12/2/1 split (seed 3) of a one-split source, not comparable with published test scores")  # 1 corrupt
+
+
+def test_kaggle_layout_with_the_official_split_files_uses_them(tmp_path):
+    """Kaggle's copy ships no split files; put the official ones anywhere in the folder and they decide."""
+    write_images(tmp_path / "Images", image_names())
+    lines = ["image,caption"] + [f'{n},"{c}"' for n in image_names() for c in captions_for(n)]
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n")
+    write_split_files(tmp_path / "splits")
+    dd, report = load_caption_dataset(tmp_path, return_report=True)
+    assert report.split_method == sources.SPLIT_FILES
+    assert dd["test"]["image_id"] == image_names()[13:] and len(dd["train"]) == 9  # corrupt img_03 was in train
 
 
 def jxie_schema_dataset(names, split) -> Dataset:
@@ -135,15 +159,41 @@ def test_local_parquet_copy_of_jxie_schema(tmp_path):
     assert (len(dd["train"]), len(dd["validation"]), len(dd["test"])) == (9, 3, 3)
     assert dd["test"]["image_id"] == names[13:]
     assert dd["train"][0]["captions"][0] == "a dog number 00 runs 0"
+    assert report.split_method == sources.SPLIT_OWN
 
 
-def test_single_parquet_file_without_splits_is_karpathy_split(tmp_path):
+def test_cleaned_captions_train_and_raw_references_are_kept_for_scoring(tmp_path):
+    """Cleaning makes training targets; the COCO-caption protocol scores against the captions as written."""
+    path = tmp_path / "flickr.parquet"
+    jxie_schema_dataset(image_names(), "train").to_parquet(str(path))
+    dd = load_caption_dataset(path, cache_dir=str(tmp_path / "cache"))
+    row = next(r for split in dd.values() for r in split if r["image_id"] == "img_00.jpg")
+    assert row["captions"][0] == "a dog number 00 runs 0"
+    assert row["references"][0] == "A dog, number 00, runs 0."
+    empty = next(r for split in dd.values() for r in split if r["image_id"] == EMPTY_CAPTION_IMAGE)
+    assert len(empty["references"]) == len(empty["captions"]) == 4  # the blank caption is no reference either
+    shapes = load_caption_dataset("shapes", split="validation", shapes_sizes=(1, 1, 1))
+    assert len(shapes[0]["references"]) == 5
+
+
+def test_single_parquet_file_without_splits_is_a_seeded_split(tmp_path):
     path = tmp_path / "flickr.parquet"
     jxie_schema_dataset(image_names(), "train").to_parquet(str(path))
     dd, report = load_caption_dataset(path, cache_dir=str(tmp_path / "cache"), return_report=True)
     assert_bad_records_counted(dd, report)
-    expected = karpathy_split(image_names(), seed=0)
+    expected = seeded_split(image_names(), seed=0)
     assert dd["validation"]["image_id"] == sorted(set(expected["validation"]) - {CORRUPT})
+    assert report.split_method == sources.SPLIT_SEEDED
+
+
+def test_one_split_parquet_folder_with_the_official_split_files_uses_them(tmp_path):
+    """A single-split parquet copy of Flickr8k (image paths are the Flickr file names) beside the split files."""
+    (tmp_path / "data").mkdir()
+    jxie_schema_dataset(image_names(), "train").to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    write_split_files(tmp_path / "data")
+    dd, report = load_caption_dataset(tmp_path / "data", cache_dir=str(tmp_path / "cache"), return_report=True)
+    assert report.split_method == sources.SPLIT_FILES
+    assert dd["validation"]["image_id"] == image_names()[10:13] and dd["test"]["image_id"] == image_names()[13:]
 
 
 def test_hub_id_goes_through_datasets_load_dataset(monkeypatch):
@@ -220,7 +270,7 @@ def test_parquet_with_custom_column_names(tmp_path):
                               caption_columns=["short", "more"])
     row = next(r for split in dd.values() for r in split if r["image_id"] == "img_00.jpg")
     assert row["captions"] == [clean_caption(c) for c in captions_for("img_00.jpg")]
-    assert set(dd["train"].column_names) == {"image", "captions", "image_id"}
+    assert set(dd["train"].column_names) == {"image", "captions", "references", "image_id"}
     # Without --caption-columns the `text` column is found by name.
     found = load_caption_dataset(tmp_path / "train.parquet", cache_dir=str(tmp_path / "cache"), image_column="photo")
     assert found["test"][0]["captions"] == ["unused"]
@@ -247,18 +297,18 @@ def test_no_caption_column_found_says_how_to_name_them():
 # ------------------------------------------------------------------------------------------ splits, cleaning
 
 
-def test_karpathy_split_sizes_and_determinism():
-    assert karpathy_split_sizes(8000) == (6000, 1000, 1000)
-    assert karpathy_split_sizes(8091) == (6091, 1000, 1000)  # the Kaggle copy has 91 extra images
-    assert karpathy_split_sizes(800) == (600, 100, 100)
-    assert karpathy_split_sizes(16) == (12, 2, 2)
-    assert karpathy_split_sizes(3) == (1, 1, 1)
+def test_seeded_split_sizes_and_determinism():
+    assert seeded_split_sizes(8000) == (6000, 1000, 1000)
+    assert seeded_split_sizes(8091) == (6091, 1000, 1000)  # the Kaggle copy has 91 extra images
+    assert seeded_split_sizes(800) == (600, 100, 100)
+    assert seeded_split_sizes(16) == (12, 2, 2)
+    assert seeded_split_sizes(3) == (1, 1, 1)
     names = [f"{i:05d}.jpg" for i in range(8000)]
-    split = karpathy_split(names[::-1], seed=0)  # input order must not matter: sorted first
-    assert split == karpathy_split(names, seed=0)
+    split = seeded_split(names[::-1], seed=0)  # input order must not matter: sorted first
+    assert split == seeded_split(names, seed=0)
     assert [len(split[s]) for s in sources.SPLITS] == [6000, 1000, 1000]
     assert set().union(*map(set, split.values())) == set(names)
-    assert split["test"] != karpathy_split(names, seed=1)["test"]
+    assert split["test"] != seeded_split(names, seed=1)["test"]
 
 
 def test_clean_caption():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from caption_model.training.metrics import (COCO_CAPTION_METRIC_PATH, coco_caption_scores, object_f1,
-                                            object_pairs, pointing_accuracy, pointing_counts, python_tokenize,
-                                            shapes_scores)
+                                            object_pairs, pointing_accuracy, pointing_counts, ptb_tokenize,
+                                            python_tokenize, shapes_scores)
 from caption_model.heatmap import upsample
 from caption_model.training.shapes import ShapeObject
 
@@ -97,6 +97,48 @@ def test_coco_scores_reject_mismatched_ids():
         coco_caption_scores({0: "a dog"}, {0: []}, use_java=False)
     with pytest.raises(ValueError, match="non-empty list of reference strings"):
         coco_caption_scores({0: "a dog"}, {0: "a dog"}, use_java=False)
+
+
+@pytest.mark.parametrize("line_break", ["\r", "\r\n", "\u2028", "\u2029", "\x0b", "\x0c", "\x85"])
+def test_a_line_break_inside_a_caption_scores_as_a_space(line_break):
+    """The PTBTokenizer reads one caption per line and ends a line at each of these (\n alone was handled): without
+    normalising, every caption after the first break would be scored against the next image's references."""
+    broken = [PREDICTIONS[0].replace(" runs ", f" runs{line_break}"), *PREDICTIONS[1:]]
+    refs = [[REFERENCES[0][0].replace(" is ", f"{line_break}is "), *REFERENCES[0][1:]], *REFERENCES[1:]]
+    spaced = coco_caption_scores(dict(enumerate(PREDICTIONS)), dict(enumerate(REFERENCES)))
+    assert coco_caption_scores(dict(enumerate(broken)), dict(enumerate(refs))) == spaced
+    assert ptb_tokenize({0: [f"a dog{line_break}runs"], 1: ["a cat"]}) == {0: ["a dog runs"], 1: ["a cat"]}
+    assert python_tokenize({0: [f"a dog{line_break}runs"]}) == {0: ["a dog runs"]}
+
+
+def test_a_tokenizer_output_that_does_not_line_up_is_refused(monkeypatch):
+    """Should the tokenizer ever split a caption anyway, scoring stops instead of shifting captions between images."""
+    from caption_model.training.coco_caption_metric import coco_caption_metric
+
+    monkeypatch.setattr(coco_caption_metric, "one_line", lambda text: text)  # the normalisation undone
+    with pytest.raises(RuntimeError, match=r"one line per caption \(2\), got 3 lines"):
+        ptb_tokenize({0: ["a dog\u2028runs"], 1: ["a cat"]})
+
+
+def test_evaluation_scores_against_the_raw_references_not_the_cleaned_targets():
+    """"dog's" is "dog 's" to the COCO-caption tokenizer; the cleaned training target "dogs" is another word."""
+    from datasets import Dataset
+
+    from caption_model.training.evaluation import score
+
+    raw = [["A dog's ball is red.", "The dog's toy is a red ball."], ["A man in a t-shirt runs."]]
+    dataset = Dataset.from_dict({"image_id": ["a", "b"], "references": raw,
+                                 "captions": [["a dogs ball is red", "the dogs toy is a red ball"],
+                                              ["a man in a t shirt runs"]]})
+    captions = [SimpleNamespace(text="a dog 's ball is red"), SimpleNamespace(text="a man in a t-shirt runs")]
+    got = score(captions, dataset)
+    assert got == coco_caption_scores({"a": captions[0].text, "b": captions[1].text}, {"a": raw[0], "b": raw[1]})
+    assert got["Bleu_4"] > 0.99  # both captions are, token for token, a reference as the protocol tokenises it
+    cleaned = coco_caption_scores({"a": captions[0].text, "b": captions[1].text},
+                                  {"a": dataset[0]["captions"], "b": dataset[1]["captions"]})
+    assert cleaned["Bleu_4"] < 0.5
+    with pytest.raises(ValueError, match="expected a `references` column"):
+        score(captions, dataset.remove_columns("references"))
 
 
 # -------------------------------------------------------------------------------------------------- shapes

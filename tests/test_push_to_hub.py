@@ -559,6 +559,25 @@ def test_card_of_a_local_imagefolder_uses_the_recorded_image_count(tmp_path):
     assert "datasets" not in local_flickr.data.to_dict() and str(kaggle) not in str(local_flickr)
 
 
+def test_card_names_the_split_and_compares_with_published_scores_only_on_the_published_split():
+    seeded = "seeded 6091/1000/1000 split (seed 0) of a one-split source, not comparable with published test scores"
+    kaggle = {"test": {"Bleu_4": 0.2}, "eval": {"source": "/data/flickr8k", "source_kind": "flickr8k",
+                                                 "split_method": "seeded", "split_description": seeded}}
+    text = str(card.render_model_card(TINY_CONFIG, metrics=kaggle))
+    assert f"Data split: {seeded}." in text and "not comparable with published Flickr8k results" in text
+    assert "Show, Attend and Tell reports" not in text
+    official = "official Flickr8k split files (...): 6000/1000/1000"
+    files = {"test": {"Bleu_4": 0.2}, "eval": {"source": "/data/flickr8k", "source_kind": "flickr8k",
+                                                "split_method": "split-files", "split_description": official}}
+    text = str(card.render_model_card(TINY_CONFIG, metrics=files))
+    assert f"Data split: {official}." in text and "Show, Attend and Tell reports" in text
+    # recorded in training_config.json only (a checkpoint without metrics.json's eval section)
+    recorded = {"source": "/data/flickr8k", "source_kind": "flickr8k", "split_method": "seeded",
+                "split_description": seeded}
+    assert f"Data split: {seeded}." in str(card.render_model_card(TINY_CONFIG, training=recorded,
+                                                                   metrics={"test": {"CIDEr": 0.4}}))
+
+
 def test_card_of_an_unknown_local_decoder_and_of_other_sources():
     config = {**TINY_CONFIG, "decoder_name": "/opt/models/my-bert"}
     text = str(card.render_model_card(config, repo_id=REPO))
@@ -594,6 +613,12 @@ def test_card_says_how_the_heatmaps_are_read():
     assert "explains the chosen word" not in raw and "is the word's heatmap." in raw
     moved = str(card.render_model_card({**TINY_CONFIG, "heatmap_offsets": {"red": [0.5, -1.0], "circle": [0, 1]}}))
     assert "**Map offsets**: after training, each of 2 frequent words" in moved and "Map offsets" not in word
+    # what a Flickr8k model's card claims about its plain maps: measured on shapes only, not on photos
+    claim = "Each word's heatmap is its own map (no phrase reading, no offset correction)"
+    flickr = {"source": "jxie/flickr8k"}
+    assert claim in str(card.render_model_card(TINY_CONFIG, training=flickr)) and "not on photos" in word
+    assert claim not in str(card.render_model_card({**TINY_CONFIG, "heatmap_reading": "phrase"}, training=flickr))
+    assert claim not in str(card.render_model_card(TINY_CONFIG, training={"source": "shapes"}))
 
 
 # --------------------------------------------------------------------------------------------------------------

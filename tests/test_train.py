@@ -211,7 +211,82 @@ def test_every_preset_field_can_be_overridden_from_the_command_line():
                                "--encoder-trainable", "layer4", "--feature-cache", "false", "--lr", "0.01"])
     assert (cfg.epochs, cfg.decoder, cfg.encoder_trainable, cfg.feature_cache, cfg.lr) == (3, None, ["layer4"],
                                                                                            False, 0.01)
-    assert cfg.source == "jxie/flickr8k" and cfg.batch_size == 64  # the rest comes from the preset
+    assert cfg.source == "jxie/flickr8k" and cfg.batch_size == 32  # the rest comes from the preset
+
+
+# ------------------------------------------------------------------------------------ the Flickr8k recipe
+
+
+def test_flickr8k_presets_train_on_all_captions_and_stop_early_on_validation_cider(capsys):
+    for preset in ("flickr8k", "flickr8k-small"):
+        cfg, _ = train.parse_args(["--preset", preset])
+        assert cfg.all_captions and (cfg.epochs, cfg.batch_size, cfg.early_stopping_patience) == (15, 32, 3)
+        assert train.main(["--preset", preset, "--print-config"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["config"]["all_captions"] is True and printed["config"]["early_stopping_patience"] == 3
+        # 6000 Flickr8k training images: 188 steps of 32 images (160 captions); warm-up counted in those steps
+        assert printed["schedule"] == {"train_images": 6000, "captions_per_step": 160, "steps_per_epoch": 188,
+                                       "total_steps": 2820, "warmup_steps": 141}
+    assert loop.selection_metric({"Bleu_4": 0.3, "CIDEr": 0.5}) == ("CIDEr", 0.5)  # what early stopping watches
+    shapes, _ = train.parse_args(["--preset", "shapes"])
+    assert not shapes.all_captions and shapes.early_stopping_patience == 0  # its 10-unit CPU budget (config.py)
+
+
+def test_early_stopping_ends_the_run_after_patience_validations_without_a_better_score(tmp_path, monkeypatch):
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best at epoch 1; epochs 4 and 5 must never run
+    real_evaluate = loop.evaluate
+
+    def scripted(model, dataset, cfg, desc="eval"):
+        if desc.startswith("validation (epoch"):
+            return {"object_f1": next(scores)}
+        return real_evaluate(model, dataset, cfg, desc)  # best/ scored at the end
+
+    monkeypatch.setattr(loop, "evaluate", scripted)
+    output = run(tmp_path, "stop", "--epochs", "6", "--early-stopping-patience", "2", "--heatmap-offset-images", "0")
+    log = read_log(output)
+    assert [r["epoch"] for r in log if "val_object_f1" in r] == [0, 1, 2, 3]
+    assert [r for r in log if r.get("stopped_early")] == [{"step": 12, "epoch": 3, "stopped_early": True,
+                                                            "best_epoch": 1}]
+    run_record = strict_json((output / "metrics.json").read_text())["run"]
+    assert (run_record["steps"], run_record["epochs_done"], run_record["best_epoch"], run_record["stopped_early"]) \
+        == (12, 4, 1, True)
+    assert json.loads((output / "best" / "validation_metrics.json").read_text()) == {"object_f1": 0.7}
+
+
+def test_flickr8k_recipe_on_flickr8k_shaped_parquet(tmp_path, monkeypatch):
+    """flickr8k-small's recipe, tiny, on the benchmarks' Flickr8k-shaped parquet (one split of 24 images): each
+    step reads all 5 captions of its images, the COCO metrics are scored against the raw references, and
+    metrics.json and the model card name the split for what it is."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from train_throughput import make_dataset
+
+    from caption_model.training import evaluation
+
+    source = make_dataset(tmp_path / "flickr8k-shaped", 24)
+    references, steps = [], []
+    real_scores, real_step = evaluation.coco_caption_scores, loop._training_step
+    monkeypatch.setattr(evaluation, "coco_caption_scores",
+                        lambda predictions, refs: references.extend(refs.values()) or real_scores(predictions, refs))
+    monkeypatch.setattr(loop, "_training_step", lambda run_, batch: steps.append(
+        (batch["image_features"].shape[0], batch["input_ids"].shape[0])) or real_step(run_, batch))
+    output = tmp_path / "small"
+    assert train.main([
+        "--preset", "flickr8k-small", "--source", str(source), "--decoder", "none", "--encoder-weights", "none",
+        "--image-size", "64", "--encoder-stage", "layer2", "--hidden-size", "32", "--num-hidden-layers", "1",
+        "--num-attention-heads", "2", "--intermediate-size", "64", "--attention-dim", "32",
+        "--tokenizer-vocab-size", "150", "--batch-size", "4", "--max-steps", "2", "--max-eval-images", "3",
+        "--eval-max-length", "8", "--mixed-precision", "no", "--output-dir", str(output)]) == 0
+    assert steps == [(4, 20), (4, 20)]  # 4 images and their 5 captions each
+    metrics = strict_json((output / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    split = "seeded 18/3/3 split (seed 0) of a one-split source, not comparable with published test scores"
+    assert (metrics["eval"]["split_method"], metrics["eval"]["split_description"]) == ("seeded", split)
+    assert json.loads((output / "best" / "training_config.json").read_text())["split_method"] == "seeded"
+    # as the dataset wrote them ("Two dogs runs on the beach ."), not cleaned ("two dogs runs on the beach")
+    assert references and all(ref[0].isupper() and ref.endswith(" .") for refs in references for ref in refs)
+    assert f"Data split: {split}." in str(build_model_card(output / "best", "alice/small"))
 
 
 def test_eval_only_prints_metrics_of_a_checkpoint(tmp_path, capsys):
@@ -277,7 +352,7 @@ def write_shapes_imagefolder(folder: Path, count: int, metadata: str) -> None:
 def test_imagefolder_with_metadata_csv_trains_and_the_card_names_no_local_path(tmp_path):
     folder = tmp_path / "my_photos"
     write_shapes_imagefolder(folder, 16, "csv")
-    output = run(tmp_path, "run", "--source", str(folder), "--epochs", "1")  # Karpathy split: 12/2/2
+    output = run(tmp_path, "run", "--source", str(folder), "--epochs", "1")  # seeded split: 12/2/2
     recorded = json.loads((output / "best" / "training_config.json").read_text())
     assert (recorded["source_kind"], recorded["num_train_images"]) == ("imagefolder", 12)
     eval_section = strict_json((output / "metrics.json").read_text())["eval"]

@@ -63,6 +63,8 @@ class TrainingData:
     hub_id: str | None = None  # Hub dataset id, only when the data came from the Hub
     kind: str = "unknown"  # hub | local | shapes | unknown
     is_flickr8k: bool = False  # the Hub copy or a local Flickr8k layout: published Flickr8k scores compare
+    split: str | None = None  # how train/validation/test were made, as recorded ("seeded 6000/1000/1000 split ...")
+    seeded_split: bool = False  # a seeded split of a one-split source: test scores do not compare with published ones
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -171,18 +173,20 @@ def describe_training_data(training: dict, metrics: dict, dataset: str | None = 
     source = str(dataset or _first([*records, metrics], "source", "dataset") or "")
     kind = str(_first(records, "source_kind") or "").lower()
     count = _first(records, "num_train_images", "num_images")
+    split = {"split": _first(records, "split_description"), "seeded_split": _first(records, "split_method") == "seeded"}
     if not source and not kind:
         return TrainingData("data not recorded in the checkpoint")
     if kind == "shapes" or source.lower() == "shapes":
-        return TrainingData("synthetic shapes", kind="shapes")
+        return TrainingData("synthetic shapes", kind="shapes", **split)
     if kind == "hub" or (kind in ("", "unknown") and not _looks_local(source)):
         flickr8k = source == FLICKR8K_DATASET
-        return TrainingData("Flickr8k" if flickr8k else source, hub_id=source, kind="hub", is_flickr8k=flickr8k)
+        return TrainingData("Flickr8k" if flickr8k else source, hub_id=source, kind="hub", is_flickr8k=flickr8k,
+                            **split)
     if source.lower() in ("flickr8k", "flickr"):  # legacy name for the default Hub copy
-        return TrainingData("Flickr8k", hub_id=FLICKR8K_DATASET, kind="hub", is_flickr8k=True)
+        return TrainingData("Flickr8k", hub_id=FLICKR8K_DATASET, kind="hub", is_flickr8k=True, **split)
     kind = kind if kind in LOCAL_KINDS else _local_kind(source)
     name = LOCAL_KINDS[kind] + (f", {count} images" if isinstance(count, int) and not isinstance(count, bool) else "")
-    return TrainingData(name, kind="local", is_flickr8k=kind == "flickr8k")
+    return TrainingData(name, kind="local", is_flickr8k=kind == "flickr8k", **split)
 
 
 def public_training_config(training: dict, data: TrainingData) -> dict:
@@ -233,8 +237,13 @@ def render_model_card(config: dict, *, repo_id: str | None = None, training: dic
         *_evaluation(scores, data, split),
         *(["", "## Sample heatmaps", "", f"![Generated captions with a heatmap per word]({SAMPLES_FILE})"]
           if has_samples else []),
+<<<<<<< HEAD
         *_usage(repo_id, space_id, install_source),
         *_limits(data, grid),
+=======
+        *_usage(repo_id, space_id),
+        *_limits(data, grid, config),
+>>>>>>> issue26
         *_training_details(public_training_config(training, data)),
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n" + "\n".join(lines) + "\n")
@@ -320,9 +329,16 @@ def _evaluation(scores: dict[str, float], data: TrainingData, split: str) -> lis
         f"the training data ({data.name})" if data.kind == "local" else "the evaluation data (not recorded)"
     lines += [f"On the {split} split of {named}:", "", "| metric | value |", "|---|---|"]
     lines += [f"| {METRIC_NAMES.get(k, (k, k))[0]} | {_fmt(v)} |" for k, v in scores.items()]
-    if data.is_flickr8k:
-        lines += ["", "Computed with the COCO-caption reference code (pycocoevalcap), scores in [0, 1]. For "
-                      "reference, Show, Attend and Tell reports BLEU-4 0.213 / METEOR 0.203 on Flickr8k."]
+    if data.split:
+        lines += ["", f"Data split: {data.split}."]
+    if data.is_flickr8k and data.seeded_split:
+        lines += ["", "Computed with the COCO-caption reference code (pycocoevalcap) against the raw reference "
+                      "captions, scores in [0, 1], on a test split of our own: not comparable with published "
+                      "Flickr8k results."]
+    elif data.is_flickr8k:
+        lines += ["", "Computed with the COCO-caption reference code (pycocoevalcap) against the raw reference "
+                      "captions, scores in [0, 1]. For reference, Show, Attend and Tell reports BLEU-4 0.213 / "
+                      "METEOR 0.203 on Flickr8k."]
     return lines
 
 
@@ -373,7 +389,7 @@ def _usage(repo_id: str | None, space_id: str | None, install_source: str) -> li
     ]
 
 
-def _limits(data: TrainingData, grid: int) -> list[str]:
+def _limits(data: TrainingData, grid: int, config: dict) -> list[str]:
     if data.is_flickr8k:
         trained_on = (f"- Trained on {data.name}: English captions of everyday scenes; objects, scenes and styles far "
                       "from that data get generic or wrong captions. Captions inherit the biases of the training "
@@ -391,6 +407,10 @@ def _limits(data: TrainingData, grid: int) -> list[str]:
         "", "## Limits", "", trained_on,
         "- The heatmap is the model's soft attention, an explanation of what the decoder attended to, not a "
         f"segmentation; it has the resolution of the {grid}x{grid} encoder grid.",
+        *(["- Each word's heatmap is its own map (no phrase reading, no offset correction). Whether a map peaks on "
+           "what its word names was measured on synthetic shapes only (plain and photo-like backgrounds), not on "
+           "photos."] if data.kind != "shapes" and config.get("heatmap_reading", "word") == "word"
+          and not config.get("heatmap_offsets") else []),
         "- Images are resized to a square without cropping, so very wide or tall images are distorted.",
         "- Weights are in safetensors and the config is JSON; loading never runs remote code.",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,8 @@ class TrainConfig:
     grounding_loss: str = "pooled"  # pooled: from the attention-pooled context; marginal: from one attended cell
     heatmap_reading: str = "word"  # word | phrase: how the trained model reads a word's map (CaptionerConfig)
     heatmap_offset_images: int = 0  # after training: measure per-word map offsets on N validation images; 0: off
-    all_captions: bool = False  # train on every caption of an image per step (image encoded once) vs one random
+    all_captions: bool = True  # every caption of an image in its step (image encoded once); False: one random
+                               # caption per image and epoch
     feature_cache: bool = True  # cache the frozen encoder part's output on disk
     cache_dir: str | None = None  # default: <output_dir>/feature_cache
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate) | auto: bf16 where the GPU or CPU has it in hardware
@@ -63,21 +65,38 @@ class TrainConfig:
     eval_beams: int = 3  # beam width when scoring validation/test
     eval_max_length: int = 30  # longest generated caption when scoring, in tokens
     eval_every_epochs: int = 1  # validate (and maybe update best/) every N epochs
+    early_stopping_patience: int = 0  # stop after N validations in a row without a better selection score (CIDEr;
+                                      # object F1 on shapes); 0: train every epoch
     save_every_steps: int | None = None  # also save last/ every N steps (default: at each epoch end)
     log_every_steps: int = 10  # one log.jsonl record every N steps
     report_to: str | None = None  # tensorboard | trackio | mlflow (through Accelerate, when installed)
     num_workers: int = 0  # DataLoader worker processes
     num_threads: int | None = None  # torch CPU threads (default: torch's choice, one per core)
-    seed: int = 0  # model init, data order, caption choice, Karpathy split, shapes images
+    seed: int = 0  # model init, data order, caption choice, seeded split of a one-split source, shapes images
     output_dir: str = "checkpoints/run"  # best/, last/, metrics.json, log.jsonl, plots
 
 
+# The Flickr8k recipe, read against the published ones: Show, Attend and Tell (Xu et al. 2015), sgrvinod's
+# a-PyTorch-Tutorial-to-Image-Captioning, ClipCap (Mokady et al. 2021) and BLIP's caption fine-tuning (Li et al. 2022).
+# - all_captions: every one of them trains on all 5 captions of every image in every epoch (the tutorial's
+#   captions_per_image=5; COCO's captions for ClipCap and BLIP). Here the image is encoded once and its 5 captions
+#   share the step: 30,000 captions an epoch, where one random caption per image saw 6,000.
+# - batch_size 32 images = 160 captions a step (the tutorial: 32, BLIP: 256), 188 steps an epoch on 6000 images,
+#   ~2800 over 15 epochs: the cross-attention layers start from random weights and get twice the updates that
+#   64-image steps would give. Warm-up (warmup_ratio of the steps) and the cosine decay are counted in these steps.
+# - epochs 15 is a budget, early_stopping_patience 3 ends the run after 3 validations in a row without a better
+#   validation CIDEr; best/ is the best validation CIDEr. The anchors: the tutorial allows 120 epochs and stops after
+#   20 without a better BLEU-4 (an LSTM and fine-tuned encoder from scratch); SAT stops early on validation BLEU;
+#   ClipCap trains 10 epochs, BLIP fine-tunes 5 and keeps the best validation CIDEr + BLEU-4 (pretrained
+#   cross-modal layers, COCO's ~20x more captions). CIDEr rather than BLEU-4 because best/ is already chosen by it.
+FLICKR8K_RECIPE = dict(source="jxie/flickr8k", all_captions=True, epochs=15, batch_size=32,
+                       early_stopping_patience=3)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Flickr8k, full size: ImageNet ResNet-50 (frozen, cached features) + bert-base-uncased. Needs a GPU.
-    "flickr8k": dict(source="jxie/flickr8k", decoder="bert-base-uncased", epochs=10, batch_size=64),
+    "flickr8k": dict(**FLICKR8K_RECIPE, decoder="bert-base-uncased"),
     # Flickr8k, small enough for a free CPU Space: 6-layer MiniLM decoder (BERT, bert-base-uncased vocabulary).
-    "flickr8k-small": dict(source="jxie/flickr8k", decoder="sentence-transformers/all-MiniLM-L6-v2", epochs=10,
-                           batch_size=64, lr_decoder=5e-5),
+    "flickr8k-small": dict(**FLICKR8K_RECIPE, decoder="sentence-transformers/all-MiniLM-L6-v2", lr_decoder=5e-5),
     # Synthetic shapes on a CPU in minutes: no pretrained weights offline, so a 96 px input and ResNet-50 up to layer2
     # (12x12 grid, 8 px cells) with layer2 trained (stem and layer1 frozen, BatchNorm-calibrated and cached), a small
     # random BERT and a caption vocabulary. Against the earlier 128 px / layer3 (8x8) preset: ~12 calibration units of
@@ -87,15 +106,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with the phrase reading, each moved back by its word's offset measured on 200 validation images without boxes
     # (training/heatmap_offsets.py: the maps peaked 0.5-0.9 cells up-left of their objects). bf16 autocast where the
     # CPU has bf16 in hardware (AMX / AVX512-BF16): 9.7-10.3 units on a Zen 4 instead of 11-13.7; fp32 elsewhere (an
-    # AVX2-only CPU would emulate bf16, slower than fp32).
+    # AVX2-only CPU would emulate bf16, slower than fp32). One random caption of the 5 per image and step: the
+    # captions are 5 templates over the same objects, and all 5 would cost 5x the decoder time in the 10-unit budget.
     "shapes": dict(source="shapes", decoder=None, encoder_weights=None, image_size=96, encoder_stage="layer2",
                    encoder_trainable=["layer2"], hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=512, attention_dim=128, max_position_embeddings=40, tokenizer_vocab_size=200,
-                   shapes_sizes=[4000, 200, 200], epochs=3, batch_size=16, lr=5e-4, lr_decoder=5e-4,
+                   shapes_sizes=[4000, 200, 200], epochs=3, batch_size=16, all_captions=False, lr=5e-4, lr_decoder=5e-4,
                    lr_encoder=1e-3, warmup_ratio=0.1, eval_beams=1, eval_max_length=24, max_eval_images=200,
                    dropout=0.0, attention_penalty=0.0, context_loss_weight=2.0, heatmap_reading="phrase",
                    heatmap_offset_images=200, mixed_precision="auto"),
 }
+
+
+def schedule(cfg: TrainConfig, train_images: int, processes: int = 1) -> dict[str, int]:
+    """The optimizer steps of a run on `train_images` images: per epoch, in all (`max_steps`, else `epochs` of them)
+    and of warm-up. A step takes `batch_size` images per process (with all their captions when `all_captions`),
+    so the schedule counts images, whatever the captions per image."""
+    batches = math.ceil(train_images / (cfg.batch_size * processes))
+    per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    return {"steps_per_epoch": per_epoch, "total_steps": total, "warmup_steps": int(cfg.warmup_ratio * total)}
 
 
 def preset_config(preset: str, **overrides: Any) -> TrainConfig:

@@ -3,15 +3,19 @@
 Every source (`sources.load_source`, or "shapes") ends as a `datasets.DatasetDict` with splits
 train/validation/test and one schema:
 
-    image     datasets.Image()   (bytes or a local path; decodes to PIL)
-    captions  list[str]          cleaned (lowercase, no punctuation, at most `max_words` words), never empty
-    image_id  str                an id column, else the image's file name (path inside an imagefolder),
-                                 "shapes-<split>-<n>" for shapes
-    objects   list[{colour, shape, box}]   shapes only (ground truth for object F1 / pointing accuracy)
+    image       datasets.Image()   (bytes or a local path; decodes to PIL)
+    captions    list[str]          training targets: cleaned (lowercase, no punctuation, at most `max_words`
+                                   words), never empty
+    references  list[str]          the same captions as the source wrote them (those that clean to something):
+                                   what validation and test are scored against, because the COCO-caption protocol
+                                   tokenises raw references itself ("dog's" is "dog 's" there, not "dogs")
+    image_id    str                an id column, else the image's file name (path inside an imagefolder),
+                                   "shapes-<split>-<n>" for shapes
+    objects     list[{colour, shape, box}]   shapes only (ground truth for object F1 / pointing accuracy)
 
 Bad records never crash a run: an unreadable image (missing, corrupt, truncated, not an image) drops its record,
 an empty caption drops that caption (and the record when none is left); all are counted in a `LoadReport` and
-logged.
+logged. The `LoadReport` also says how the images were split (`sources.SPLIT_METHODS`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from PIL import Image as PILImage
 
 from caption_model.processing import in_threads
 from caption_model.training.shapes import generate_shapes_example
-from caption_model.training.sources import SPLITS, Columns, load_source, source_kind
+from caption_model.training.sources import (SPLIT_GENERATED, SPLITS, Columns, describe_split, load_source,
+                                            source_kind)
 
 if TYPE_CHECKING:
     from caption_model.training.config import TrainConfig
@@ -70,6 +75,7 @@ class LoadReport:
     images_without_captions: int = 0  # readable image whose captions were all empty: record dropped
     kept: dict[str, int] = field(default_factory=dict)  # split -> images kept
     unreadable_ids: list[str] = field(default_factory=list)  # image_id of every unreadable image
+    split_method: str = ""  # how the images were split: one of sources.SPLIT_METHODS
 
     def summary(self) -> str:
         kept = ", ".join(f"{k}={v}" for k, v in self.kept.items())
@@ -98,17 +104,18 @@ def _image_readable(image: dict) -> bool:
 
 
 def _check_record(image: dict, captions: list, max_words: int | None, validate: bool) -> dict:
-    """Columns `captions` (cleaned, empties dropped), `_empty` (how many dropped), `_readable`."""
+    """Columns `captions` (cleaned, empties dropped), `references` (the kept ones as written), `_empty` (how many
+    dropped), `_readable`."""
     cleaned = [clean_caption(c, max_words) for c in captions]
-    kept = [c for c in cleaned if c]
-    return {"captions": kept, "_empty": len(cleaned) - len(kept),
-            "_readable": _image_readable(image) if validate else True}
+    kept = [(clean, raw) for clean, raw in zip(cleaned, captions) if clean]
+    return {"captions": [clean for clean, _ in kept], "references": [raw for _, raw in kept],
+            "_empty": len(cleaned) - len(kept), "_readable": _image_readable(image) if validate else True}
 
 
 def _clean_split(ds: Dataset, max_words: int | None, report: LoadReport, validate_images: bool) -> Dataset:
     """Clean captions, drop unreadable images and empty captions (counted in `report`), decode images as PIL."""
-    if len(ds) == 0:  # a split too small to hold an image (a Karpathy split of 2 images)
-        return ds.cast_column("image", Image())
+    if len(ds) == 0:  # a split too small to hold an image (a seeded split of 2 images)
+        return ds.add_column("references", [], feature=List(Value("string"))).cast_column("image", Image())
     ds = ds.cast_column("image", Image(decode=False))
     checks = ds.map(_check_record, input_columns=["image", "captions"], remove_columns=ds.column_names,
                     fn_kwargs={"max_words": max_words, "validate": validate_images}, num_proc=1,
@@ -128,8 +135,8 @@ def _clean_split(ds: Dataset, max_words: int | None, report: LoadReport, validat
 
 
 def _finish(splits: dict[str, Dataset], max_words: int | None, validate_images: bool,
-            source: str) -> tuple[DatasetDict, LoadReport]:
-    report = LoadReport()
+            source: str, split_method: str) -> tuple[DatasetDict, LoadReport]:
+    report = LoadReport(split_method=split_method)
     out = DatasetDict()
     for name in SPLITS:
         out[name] = _clean_split(splits[name], max_words, report, validate_images)
@@ -143,7 +150,7 @@ def _finish(splits: dict[str, Dataset], max_words: int | None, validate_images: 
 
 
 _SHAPES_FEATURES = Features(
-    image=Image(), captions=List(Value("string")), image_id=Value("string"),
+    image=Image(), captions=List(Value("string")), references=List(Value("string")), image_id=Value("string"),
     objects=List({"colour": Value("string"), "shape": Value("string"), "box": List(Value("int32"))}))
 
 
@@ -151,11 +158,12 @@ def _shapes_split(name: str, size: int, rng: np.random.Generator) -> Dataset:
     # The split's fingerprint names what made it (split, size, generator state) instead of datasets hashing the
     # finished table with dill, which raises PicklingError on pyarrow's MonthDayNano under Python 3.12.
     made_by = json.dumps([name, size, rng.bit_generator.state], sort_keys=True, default=str)
-    rows: dict[str, list] = {"image": [], "captions": [], "image_id": [], "objects": []}
+    rows: dict[str, list] = {"image": [], "captions": [], "references": [], "image_id": [], "objects": []}
     for i in range(size):
         example = generate_shapes_example(rng)
         rows["image"].append(example.image)
         rows["captions"].append([clean_caption(c) for c in example.captions])
+        rows["references"].append(list(example.captions))
         rows["image_id"].append(f"shapes-{name}-{i:06d}")
         rows["objects"].append([{"colour": o.colour, "shape": o.shape, "box": [int(v) for v in o.box]}
                                 for o in example.objects])
@@ -195,24 +203,25 @@ def load_caption_dataset(source: str | Path = DEFAULT_SOURCE, split: str | None 
     split: None for all three splits, or one split name to get that `Dataset` only.
     image_column, caption_columns: the columns of a Hub/parquet/imagefolder dataset (default: `image`, and the
       caption columns found by `sources.find_caption_columns`).
-    seed: Karpathy-style split seed (sources without split files) and shapes generator seed.
+    seed: seeded split of a one-split source without split files (not Karpathy's split: `sources.describe_split`),
+      and the shapes generator seed.
     return_report: also return the `LoadReport` of skipped records, as `(data, report)`.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"expected split None or one of {SPLITS}, got {split!r}")
     if str(source) == "shapes":
-        data, report = load_shapes_dataset(*shapes_sizes, seed=seed), LoadReport()
+        data, report = load_shapes_dataset(*shapes_sizes, seed=seed), LoadReport(split_method=SPLIT_GENERATED)
         report.kept = {name: len(ds) for name, ds in data.items()}
     else:
-        splits = load_source(source, seed, cache_dir, Columns(image_column, tuple(caption_columns or ())))
-        data, report = _finish(splits, max_words, validate_images, str(source))
+        raw = load_source(source, seed, cache_dir, Columns(image_column, tuple(caption_columns or ())))
+        data, report = _finish(raw.splits, max_words, validate_images, str(source), raw.method)
     result = data if split is None else data[split]
     return (result, report) if return_report else result
 
 
-def load_training_data(cfg: TrainConfig, split: str | None = None):
+def load_training_data(cfg: TrainConfig, split: str | None = None, return_report: bool = False):
     """`cfg`'s data (all splits, or one) with images left undecoded ({bytes, path}) so the feature cache can key
-    them by content; `max_train_images` cuts the train split."""
+    them by content; `max_train_images` cuts the train split. return_report: `(data, LoadReport)`."""
     data, report = load_caption_dataset(cfg.source, split, max_words=cfg.max_caption_words, seed=cfg.seed,
                                         shapes_sizes=tuple(cfg.shapes_sizes), image_column=cfg.image_column,
                                         caption_columns=cfg.caption_columns, return_report=True)
@@ -223,9 +232,13 @@ def load_training_data(cfg: TrainConfig, split: str | None = None):
     data = data.cast_column("image", Image(decode=False))
     if split is None and cfg.max_train_images:
         data["train"] = data["train"].select(range(min(cfg.max_train_images, len(data["train"]))))
-    return data
+    return (data, report) if return_report else data
 
 
-def describe_data(cfg: TrainConfig, data: DatasetDict) -> dict:
-    """What a checkpoint records about its data (the model card reads it): source_kind, num_train_images."""
-    return {"source_kind": source_kind(cfg.source), "num_train_images": len(data["train"])}
+def describe_data(cfg: TrainConfig, data: DatasetDict, report: LoadReport) -> dict:
+    """What a checkpoint records about its data (the model card reads it): source_kind, num_train_images, and the
+    split: `split_method` (sources.SPLIT_METHODS) and `split_description` ("seeded 6000/1000/1000 split (seed 0)
+    of a one-split source, not comparable with published test scores")."""
+    return {"source_kind": source_kind(cfg.source), "num_train_images": len(data["train"]),
+            "split_method": report.split_method,
+            "split_description": describe_split(report.split_method, report.kept, cfg.seed)}

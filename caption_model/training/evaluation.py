@@ -29,14 +29,18 @@ def caption_dataset(model: ImageCaptioner, dataset, cfg: TrainConfig, desc: str 
 
 def score(captions: list, dataset, input_size: int = DEFAULT_INPUT_SIZE) -> dict[str, float]:
     """Object F1 + pointing accuracy when `dataset` has shapes objects (`input_size`: the model's input side, for
-    the cell geometry), else the COCO-caption metrics."""
+    the cell geometry), else the COCO-caption metrics against the raw `references` (the captions as the source
+    wrote them; the COCO-caption protocol tokenises them itself), never the cleaned training targets."""
     if "objects" in dataset.column_names:
         objects = [[(o["colour"], o["shape"], tuple(o["box"])) for o in objs] for objs in dataset["objects"]]
         sizes = [load_image(decode_image(image)).size for image in dataset["image"]]  # (W, H)
         return shapes_scores(captions, objects, sizes, input_size)
+    if "references" not in dataset.column_names:
+        raise ValueError(f"expected a `references` column (the raw captions, as data.load_caption_dataset writes it) "
+                         f"to score against, got columns {dataset.column_names}")
     ids = [str(i) for i in dataset["image_id"]]
     return coco_caption_scores({i: c.text for i, c in zip(ids, captions)},
-                               {i: list(refs) for i, refs in zip(ids, dataset["captions"])})
+                               {i: list(refs) for i, refs in zip(ids, dataset["references"])})
 
 
 def evaluate(model: ImageCaptioner, dataset, cfg: TrainConfig, desc: str = "eval") -> dict[str, float]:

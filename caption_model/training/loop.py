@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from caption_model.training.calibration import calibrate_random_encoder
 from caption_model.training.checkpointing import (load_training_state, recover_checkpoint, save_checkpoint,
                                                   to_json)
 from caption_model.training.collate import CaptionCollator, collator_for
-from caption_model.training.config import MIXED_PRECISIONS, TrainConfig, model_config
+from caption_model.training.config import MIXED_PRECISIONS, TrainConfig, model_config, schedule
 from caption_model.training.data import describe_data, load_training_data
 from caption_model.training.evaluation import evaluate, selection_metric
 from caption_model.training.feature_cache import FeatureCache
@@ -95,10 +94,12 @@ class Run:
     collate: CaptionCollator
     cache: FeatureCache | None
     total_steps: int
-    data_info: dict  # source_kind, num_train_images: recorded in training_config.json and metrics.json
-    # Saved in last/ for --resume: optimizer steps done, epoch and batches done in it, best validation score.
+    data_info: dict  # source_kind, num_train_images, split: recorded in training_config.json and metrics.json
+    # Saved in last/ for --resume: optimizer steps done, epoch and batches done in it, best validation score and its
+    # epoch, validations since it (early stopping) and whether the run stopped early.
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batches_done": 0, "best_name": None,
-                                                 "best_score": None})
+                                                 "best_score": None, "best_epoch": None, "since_best": 0,
+                                                 "stopped_early": False})
     started: float = field(default_factory=time.perf_counter)
     images_seen: int = 0
 
@@ -175,12 +176,11 @@ def _optimizer(cfg: TrainConfig, model: ImageCaptioner, train_images: int, proce
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
-    batches = math.ceil(train_images / (cfg.batch_size * processes))
-    total_steps = cfg.max_steps or math.ceil(batches / cfg.gradient_accumulation_steps) * cfg.epochs
+    steps = schedule(cfg, train_images, processes)
     # Accelerate steps a prepared scheduler once per process per optimizer step: count in those units.
-    warmup = int(cfg.warmup_ratio * total_steps) * processes
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps * processes)
-    return optimizer, scheduler, total_steps
+    scheduler = get_cosine_schedule_with_warmup(optimizer, steps["warmup_steps"] * processes,
+                                                steps["total_steps"] * processes)
+    return optimizer, scheduler, steps["total_steps"]
 
 
 def setup(cfg: TrainConfig, resume: bool = False) -> Run:
@@ -188,7 +188,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, output)
-    data = load_training_data(cfg)
+    data, report = load_training_data(cfg, return_report=True)
     last = output / "last"
     recover_checkpoint(last)
     recover_checkpoint(output / "best")
@@ -212,7 +212,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     optimizer, scheduler, total_steps = _optimizer(cfg, model, len(data["train"]), accelerator.num_processes)
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run = Run(cfg, output, accelerator, data, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler,
-              collate, cache, total_steps, describe_data(cfg, data))
+              collate, cache, total_steps, describe_data(cfg, data, report))
     if resume:
         run.state.update(load_training_state(last, optimizer, scheduler))
         logger.info("resuming from %s at step %d (epoch %d)", last, run.state["step"], run.state["epoch"])
@@ -302,19 +302,31 @@ def train_epoch(run: Run, progress) -> None:
 
 # ------------------------------------------------------------------------------------------------ validation
 def validate(run: Run, epoch: int) -> None:
-    """Score the model on validation; a better score than any before replaces best/."""
+    """Score the model on validation; a better score than any before replaces best/, any other counts towards
+    early stopping."""
+    state = run.state
     metrics = evaluate(run.raw_model, run.data["validation"], run.cfg, desc=f"validation (epoch {epoch})")
     name, score = selection_metric(metrics)
-    run.log({"step": run.state["step"], "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+    run.log({"step": state["step"], "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
     logger.info("epoch %d validation: %s", epoch, _fmt(metrics))
-    best = run.state["best_score"]
+    best = state["best_score"]
     if best is None or score > best:
-        run.state["best_name"], run.state["best_score"] = name, score
+        state.update(best_name=name, best_score=score, best_epoch=epoch, since_best=0)
         run.save("best", extra={VALIDATION_METRICS_FILE: metrics})
+    else:
+        state["since_best"] += 1
+
+
+def _patience_spent(run: Run) -> bool:
+    """Whether the main process's validations ran out of patience; every process gets the same answer (only the
+    main process validates, and all must leave the loop together)."""
+    spent = run.state["since_best"] >= run.cfg.early_stopping_patience if run.accelerator.is_main_process else False
+    flag = torch.tensor([float(spent)], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def end_epoch(run: Run, epoch: int) -> None:
-    """After an epoch (or the last step): cache counts, validation when due, last/."""
+    """After an epoch (or the last step): cache counts, validation when due, early stopping, last/."""
     state, cfg = run.state, run.cfg
     if run.cache is not None:
         run.log({"step": state["step"], "epoch": epoch, "cache_hits": run.cache.hits,
@@ -323,18 +335,26 @@ def end_epoch(run: Run, epoch: int) -> None:
     due = (epoch_done and (epoch + 1) % cfg.eval_every_epochs == 0) or state["step"] >= run.total_steps
     if run.accelerator.is_main_process and due:
         validate(run, epoch)
+    if due and cfg.early_stopping_patience > 0 and _patience_spent(run):
+        state["stopped_early"] = True
+        if run.accelerator.is_main_process:
+            logger.info("early stopping after epoch %d: %d validations without a better %s than %.4f (epoch %d)",
+                        epoch, state["since_best"], state["best_name"], state["best_score"], state["best_epoch"])
+            run.log({"step": state["step"], "epoch": epoch, "stopped_early": True, "best_epoch": state["best_epoch"]})
     run.save_last()
 
 
 # ------------------------------------------------------------------------------------------------ finish
 def machine_record(run: Run, seconds: float) -> dict:
-    """Where and how long this process trained (data, model, cache, steps, validation; not the final evaluation)."""
+    """Where and how long this process trained (data, model, cache, steps, validation; not the final evaluation),
+    and where it stopped (epochs done, the best validation's epoch, early stopping)."""
     from caption_model.cpu.features import describe_cpu
 
     device = run.accelerator.device
-    record = {"train_seconds": round(seconds, 1), "steps": run.state["step"], "device": device.type,
-              "cpu": describe_cpu(), "threads": torch.get_num_threads(), "processes": run.accelerator.num_processes,
-              "mixed_precision": str(run.accelerator.mixed_precision)}
+    record = {"train_seconds": round(seconds, 1), "steps": run.state["step"], "epochs_done": run.state["epoch"],
+              "best_epoch": run.state["best_epoch"], "stopped_early": run.state["stopped_early"],
+              "device": device.type, "cpu": describe_cpu(), "threads": torch.get_num_threads(),
+              "processes": run.accelerator.num_processes, "mixed_precision": str(run.accelerator.mixed_precision)}
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
     return record
@@ -382,7 +402,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     run = setup(cfg, resume)
     progress = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", unit="step",
                     disable=not run.accelerator.is_local_main_process)
-    while run.state["step"] < run.total_steps:
+    while run.state["step"] < run.total_steps and not run.state["stopped_early"]:
         epoch = run.state["epoch"]
         train_epoch(run, progress)
         end_epoch(run, epoch)

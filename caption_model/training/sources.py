@@ -1,11 +1,17 @@
 """Where caption records come from: Hub/parquet datasets, imagefolders, local Flickr8k folders, and their splits.
 
-`load_source` returns raw splits (image undecoded, captions as found, image_id); `data.load_caption_dataset`
-cleans them. Layouts (`source_kind` names them): a Hub dataset id ("hub") or parquet files ("parquet") with an image
-column and caption columns (named, or found: `captions`, `caption_0`..`caption_N`, `caption`, `text`), a `datasets`
-imagefolder ("imagefolder": images + `metadata.csv` / `metadata.jsonl` with `file_name` and caption columns), the
-Kaggle folder (`Images/` + `captions.txt`) and the original folder (`Flickr8k.token.txt` + an image folder + optional
-`Flickr_8k.*Images.txt` split files), both "flickr8k". Sources without splits are split Karpathy-style.
+`load_source` returns raw splits (image undecoded, captions as found, image_id) and how they were split;
+`data.load_caption_dataset` cleans them. Layouts (`source_kind` names them): a Hub dataset id ("hub") or parquet
+files ("parquet") with an image column and caption columns (named, or found: `captions`, `caption_0`..`caption_N`,
+`caption`, `text`), a `datasets` imagefolder ("imagefolder": images + `metadata.csv` / `metadata.jsonl` with
+`file_name` and caption columns), the Kaggle folder (`Images/` + `captions.txt`) and the original folder
+(`Flickr8k.token.txt` + an image folder + optional `Flickr_8k.*Images.txt` split files), both "flickr8k".
+
+Splits, and what a run records about them (`SPLIT_METHODS`): a source's own train/validation/test ("own"); the
+official Flickr8k split files `Flickr_8k.{train,dev,test}Images.txt` wherever a local folder has them ("split-files":
+the 6000/1000/1000 split published Flickr8k scores use); otherwise a one-split source is cut by a seeded shuffle
+("seeded"). The seeded split has Flickr8k's sizes but not its members: test scores on it do not compare with
+published ones, and the run says so (`describe_split`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from datasets import Dataset, DatasetDict, Features, Image, List, Value, concate
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-KARPATHY_SIZES = (6000, 1000, 1000)  # Flickr8k train/validation/test images (Karpathy & Fei-Fei 2015)
+FLICKR8K_SPLIT_SIZES = (6000, 1000, 1000)  # Flickr8k train/validation/test images (the official split files)
+# How a source's images were split (recorded in training_config.json, metrics.json and the model card).
+SPLIT_OWN = "own"  # the dataset's own train/validation/test splits
+SPLIT_FILES = "split-files"  # the official Flickr_8k.{train,dev,test}Images.txt files
+SPLIT_SEEDED = "seeded"  # a seeded shuffle of a one-split source: Flickr8k's sizes, not its members
+SPLIT_GENERATED = "generated"  # synthetic shapes: each split drawn from its own random stream
+SPLIT_METHODS = (SPLIT_OWN, SPLIT_FILES, SPLIT_SEEDED, SPLIT_GENERATED)
 
 # Split names other datasets use, mapped onto ours.
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
@@ -39,6 +51,14 @@ _ID_COLUMNS = ("image_id", "filename", "file_name", "image_name")
 
 
 @dataclass(frozen=True)
+class SourceSplits:
+    """Raw splits of a source and how its images were split (one of `SPLIT_METHODS`)."""
+
+    splits: dict[str, Dataset]  # train/validation/test
+    method: str
+
+
+@dataclass(frozen=True)
 class Columns:
     """Which columns of a Hub/parquet/imagefolder dataset hold the image and the captions."""
 
@@ -49,37 +69,54 @@ class Columns:
 # ---------------------------------------------------------------------------------------------- splitting
 
 
-def karpathy_split_sizes(num_images: int) -> tuple[int, int, int]:
+def seeded_split_sizes(num_images: int) -> tuple[int, int, int]:
     """Train/validation/test sizes: 1000/1000 held out from >= 8000 images, else the same 6:1:1 proportions."""
     if num_images < 0:
         raise ValueError(f"expected a non-negative number of images, got {num_images}")
-    total = sum(KARPATHY_SIZES)
+    total = sum(FLICKR8K_SPLIT_SIZES)
     if num_images >= total:
-        held = KARPATHY_SIZES[1]
+        held = FLICKR8K_SPLIT_SIZES[1]
         return num_images - 2 * held, held, held
-    held = round(num_images * KARPATHY_SIZES[1] / total)
+    held = round(num_images * FLICKR8K_SPLIT_SIZES[1] / total)
     if num_images >= 3:
         held = max(held, 1)
     return num_images - 2 * held, held, held
 
 
-def karpathy_split(image_ids: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
-    """Deterministic split of image ids: sort by name, shuffle with `seed`, cut at `karpathy_split_sizes`."""
+def seeded_split(image_ids: Sequence[str], seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic split of image ids: sort by name, shuffle with `seed`, cut at `seeded_split_sizes`.
+    Neither Karpathy's split nor the official one: only their sizes."""
     names = sorted(set(image_ids))
     order = np.random.default_rng(seed).permutation(len(names))
     shuffled = [names[i] for i in order]
-    n_train, n_val, _ = karpathy_split_sizes(len(names))
+    n_train, n_val, _ = seeded_split_sizes(len(names))
     return {"train": shuffled[:n_train], "validation": shuffled[n_train:n_train + n_val],
             "test": shuffled[n_train + n_val:]}
 
 
-def _split_by_ids(ds: Dataset, seed: int) -> dict[str, Dataset]:
-    """Split one dataset Karpathy-style by its `image_id` column."""
+def _split_by_ids(ds: Dataset, seed: int) -> SourceSplits:
+    """Split one dataset by a seeded shuffle of its `image_id` column."""
     ids = list(ds["image_id"])
-    parts = karpathy_split(ids, seed)
+    parts = seeded_split(ids, seed)
     split_of = {image_id: name for name, members in parts.items() for image_id in members}
-    return {name: ds.select([i for i, image_id in enumerate(ids) if split_of[image_id] == name])
-            for name in SPLITS}
+    return SourceSplits({name: ds.select([i for i, image_id in enumerate(ids) if split_of[image_id] == name])
+                         for name in SPLITS}, SPLIT_SEEDED)
+
+
+def describe_split(method: str, sizes: dict[str, int], seed: int | None = None) -> str:
+    """The split in words, for metrics.json and the model card: "seeded 6000/1000/1000 split (seed 0) of a
+    one-split source, not comparable with published test scores"."""
+    counts = "/".join(str(sizes.get(name, 0)) for name in SPLITS)
+    if method == SPLIT_SEEDED:
+        return (f"seeded {counts} split (seed {seed}) of a one-split source, not comparable with published test "
+                f"scores")
+    if method == SPLIT_FILES:
+        return f"official Flickr8k split files ({', '.join(_SPLIT_FILES.values())}): {counts}"
+    if method == SPLIT_OWN:
+        return f"the dataset's own train/validation/test splits: {counts}"
+    if method == SPLIT_GENERATED:
+        return f"generated synthetic splits: {counts}"
+    raise ValueError(f"expected a split method among {SPLIT_METHODS}, got {method!r}")
 
 
 # ----------------------------------------------------------------------------- Hub / parquet / imagefolder
@@ -147,8 +184,9 @@ def _normalise_columns(ds: Dataset, split: str, columns: Columns = Columns(), ro
 
 
 def _canonical_splits(raw: DatasetDict, seed: int, source: str, columns: Columns = Columns(),
-                      root: Path | None = None) -> dict[str, Dataset]:
-    """Rename split aliases (val, dev, ...); split Karpathy-style when only one split exists."""
+                      root: Path | None = None, folder: Path | None = None) -> SourceSplits:
+    """Rename split aliases (val, dev, ...). A source with one split is cut by the official split files when
+    `folder` (a local source) has them, else by a seeded shuffle."""
     splits: dict[str, Dataset] = {}
     for name, ds in raw.items():
         canonical = _SPLIT_ALIASES.get(str(name).lower())
@@ -159,9 +197,10 @@ def _canonical_splits(raw: DatasetDict, seed: int, source: str, columns: Columns
         except ValueError as error:
             raise ValueError(f"{source} ({name} split): {error}") from None
     if set(splits) == set(SPLITS):
-        return splits
+        return SourceSplits(splits, SPLIT_OWN)
     if len(splits) == 1:
-        return _split_by_ids(next(iter(splits.values())), seed)
+        only = next(iter(splits.values()))
+        return _split_folder_dataset(only, folder, seed) if folder is not None else _split_by_ids(only, seed)
     raise ValueError(f"{source}: expected splits train/validation/test or a single split, got {sorted(raw)}")
 
 
@@ -236,7 +275,7 @@ def _find(folder: Path, name: str) -> Path | None:
 
 
 def _split_files(folder: Path) -> dict[str, set[str]] | None:
-    """Image names per split from the Flickr_8k.*Images.txt files; None when they are absent."""
+    """Image file names per split from the Flickr_8k.*Images.txt files; None when they are absent."""
     found = {split: _find(folder, name) for split, name in _SPLIT_FILES.items()}
     if not any(found.values()):
         return None
@@ -247,25 +286,28 @@ def _split_files(folder: Path) -> dict[str, set[str]] | None:
             for split, p in found.items()}
 
 
-def _split_folder_dataset(ds: Dataset, folder: Path, seed: int) -> dict[str, Dataset]:
-    """Use the split files when the folder has them, else a Karpathy-style split."""
+def _split_folder_dataset(ds: Dataset, folder: Path, seed: int) -> SourceSplits:
+    """Use the split files when the folder has them (an image is matched by its file name: the `image_id` of a
+    Flickr8k layout, the last part of an imagefolder's or parquet file's image path), else a seeded split."""
     members = _split_files(folder)
     if members is None:
         return _split_by_ids(ds, seed)
-    ids = list(ds["image_id"])
-    unlisted = sum(1 for i in ids if not any(i in m for m in members.values()))
+    names = [Path(image_id).name for image_id in ds["image_id"]]
+    unlisted = sum(1 for name in names if not any(name in m for m in members.values()))
     if unlisted:
         logger.info("%s: %d captioned images are in no split file; left out", folder, unlisted)
-    return {s: ds.select([i for i, image_id in enumerate(ids) if image_id in members[s]]) for s in SPLITS}
+    logger.info("%s: split by the official split files", folder)
+    return SourceSplits({s: ds.select([i for i, name in enumerate(names) if name in members[s]]) for s in SPLITS},
+                        SPLIT_FILES)
 
 
-def _load_kaggle(folder: Path, seed: int) -> dict[str, Dataset]:
+def _load_kaggle(folder: Path, seed: int) -> SourceSplits:
     image_dir = folder / "Images"
     ds = _records_dataset(read_kaggle_captions(folder / _KAGGLE_CAPTIONS), image_dir)
     return _split_folder_dataset(ds, folder, seed)
 
 
-def _load_original(folder: Path, seed: int) -> dict[str, Dataset]:
+def _load_original(folder: Path, seed: int) -> SourceSplits:
     token_file = _find(folder, _TOKEN_FILE)
     image_dir = next((d for name in _ORIGINAL_IMAGE_DIRS if (d := _find(folder, name)) and d.is_dir()), None)
     if image_dir is None:
@@ -309,8 +351,9 @@ def source_kind(source: str | Path) -> str:
     return "flickr8k" if layout in ("kaggle", "original") else layout
 
 
-def _load_local(path: Path, seed: int, cache_dir: str | None, columns: Columns) -> dict[str, Dataset]:
-    """Load a local folder or parquet file by its layout."""
+def _load_local(path: Path, seed: int, cache_dir: str | None, columns: Columns) -> SourceSplits:
+    """Load a local folder or parquet file by its layout. A one-split folder (imagefolder, parquet) that holds the
+    official split files is cut by them."""
     layout = local_layout(path)
     if layout == "kaggle":
         return _load_kaggle(path, seed)
@@ -319,17 +362,20 @@ def _load_local(path: Path, seed: int, cache_dir: str | None, columns: Columns) 
     if layout == "imagefolder":
         root = path.resolve()  # the image paths datasets records start with it
         raw = load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
-        return _canonical_splits(raw, seed, str(path), columns, root=root)
+        return _canonical_splits(raw, seed, str(path), columns, root=root, folder=root)
     files = {_parquet_split(Path(path.name)) or "train": [str(path)]} if path.is_file() else _parquet_data_files(path)
-    return _canonical_splits(_load_parquet(files, cache_dir), seed, str(path), columns)
+    # A folder of parquet files may hold the split files too; a lone file's parent folder is not searched.
+    return _canonical_splits(_load_parquet(files, cache_dir), seed, str(path), columns,
+                             folder=None if path.is_file() else path)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
 
 
 def load_source(source: str | Path, seed: int, cache_dir: str | None,
-                columns: Columns = Columns()) -> dict[str, Dataset]:
-    """Raw splits train/validation/test of a local folder or parquet file, else of a Hub dataset id.
+                columns: Columns = Columns()) -> SourceSplits:
+    """Raw splits train/validation/test of a local folder or parquet file, else of a Hub dataset id, and how they
+    were split (a Hub dataset with one split: a seeded split).
     `columns` names the image and caption columns of Hub, parquet and imagefolder data (the Flickr8k layouts
     have fixed ones)."""
     path = Path(source).expanduser()

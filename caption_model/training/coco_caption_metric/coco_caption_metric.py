@@ -8,6 +8,11 @@
 Keys and numbers are those of pycocoevalcap's COCOEvalCap (its "CIDEr" is CIDEr-D), so they compare with published
 results. Captions are tokenised with the Stanford PTBTokenizer (Java) like COCOEvalCap. Without `java` on PATH
 the tokenisation falls back to a Python approximation and METEOR (also Java) is skipped, with a warning.
+Pass references as the dataset wrote them (the protocol tokenises them itself), not cleaned copies.
+
+One deliberate difference from COCOEvalCap: a line break inside a caption (\r, \v, \f, U+2028, U+2029, ... not
+only \n) becomes a space. The PTBTokenizer reads one caption per line and ends a line at any of them, so
+COCOEvalCap would silently score every later caption against the wrong image's references.
 
 This file is self-contained on purpose: `evaluate.load` copies only this file into its module cache.
 """
@@ -63,12 +68,22 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def one_line(text: str) -> str:
+    """`text` with every line break Python knows (a superset of the PTBTokenizer's: \n, \r, \v, \f, U+001C..U+001E,
+    U+0085, U+2028, U+2029) turned into a space, so that a caption stays one line of the tokenizer's input."""
+    return " ".join(text.splitlines())
+
+
 def ptb_tokenize(captions: Captions) -> dict[Hashable, list[str]]:
-    """COCOEvalCap's tokenisation: Stanford PTBTokenizer (lowercased, one line per caption), punctuation dropped."""
+    """COCOEvalCap's tokenisation: Stanford PTBTokenizer (lowercased, one line per caption), punctuation dropped.
+    Line breaks inside a caption become spaces (`one_line`); a tokenizer output that still does not have one line
+    per caption is an error, never a silent shift of captions between images."""
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     keys = [k for k, caps in captions.items() for _ in caps]
-    sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    if not keys:
+        return {k: [] for k in captions}
+    sentences = "\n".join(one_line(c) for caps in captions.values() for c in caps)
     jar_dir = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
     with tempfile.TemporaryDirectory() as tmp:  # not the package folder, which may be read-only
         path = os.path.join(tmp, "captions.txt")
@@ -77,9 +92,11 @@ def ptb_tokenize(captions: Captions) -> dict[Hashable, list[str]]:
         cmd = ["java", "-cp", ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer",
                "-preserveLines", "-lowerCase", path]
         lines = subprocess.run(cmd, cwd=jar_dir, capture_output=True, check=True).stdout.decode().split("\n")
+    if len(lines) != len(keys):
+        raise RuntimeError(f"expected the PTBTokenizer to return one line per caption ({len(keys)}), got "
+                           f"{len(lines)} lines; refusing to score captions against the wrong images")
     out: dict[Hashable, list[str]] = {k: [] for k in captions}
-    for i, key in enumerate(keys):
-        line = lines[i] if i < len(lines) else ""
+    for key, line in zip(keys, lines):
         out[key].append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
     return out
 
@@ -88,7 +105,7 @@ def python_tokenize(captions: Captions) -> dict[Hashable, list[str]]:
     """Close Python stand-in for `ptb_tokenize`: lowercase, split clitics ('s, n't) and punctuation, drop it."""
 
     def tokenize(text: str) -> str:
-        text = re.sub(r"(\w)(n't)\b", r"\1 \2", text.lower().replace("\n", " "))
+        text = re.sub(r"(\w)(n't)\b", r"\1 \2", one_line(text).lower())
         tokens = re.findall(r"n't|'\w+|\w+|[^\w\s]", text)
         return " ".join(t for t in tokens if t not in PUNCTUATIONS and re.search(r"\w", t))
 
