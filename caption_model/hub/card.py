@@ -237,13 +237,8 @@ def render_model_card(config: dict, *, repo_id: str | None = None, training: dic
         *_evaluation(scores, data, split),
         *(["", "## Sample heatmaps", "", f"![Generated captions with a heatmap per word]({SAMPLES_FILE})"]
           if has_samples else []),
-<<<<<<< HEAD
         *_usage(repo_id, space_id, install_source),
-        *_limits(data, grid),
-=======
-        *_usage(repo_id, space_id),
         *_limits(data, grid, config),
->>>>>>> issue26
         *_training_details(public_training_config(training, data)),
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n" + "\n".join(lines) + "\n")
