@@ -219,8 +219,10 @@ def test_beam_search_matches_a_plain_reference_search(tiny_trained_captioner, im
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_max_length_is_respected(tiny_trained_captioner, images, num_beams, greedy_caps):
     full_lengths = [len(c.token_ids) for c in greedy_caps]
-    assert max(full_lengths) > 3  # the check below really truncates
-    for max_length in (1, 3):
+    # limits below the longest caption this model writes (which differs between CPU kinds): they really truncate
+    longest = max(full_lengths)
+    assert longest >= 2
+    for max_length in sorted({1, longest - 1}):
         caps = tiny_trained_captioner.caption_batch(images, num_beams=num_beams, max_length=max_length)
         for cap in caps:
             assert len(cap.token_ids) <= max_length
