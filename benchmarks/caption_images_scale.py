@@ -8,7 +8,8 @@ Generates `--images` shapes images (PNG, caption_model.training.shapes) in a tem
 command line: `python -m caption_model.cli` (1 process) and `accelerate launch --multi_gpu --num_processes N -m
 caption_model.cli` (N processes; on a machine without a GPU each is a CPU process), every process with
 `--threads` torch threads. images/s is the CLI's own figure: images captioned over the time from the moment every
-process has its model to the last one's end (start-up and model loading are in the wall time beside it).
+process has its model to the last one's end (start-up and model loading are in the wall time beside it); "waited"
+is the most any process waited for its loader threads' next batch.
 --kill-at F also starts an N-process run, SIGKILLs every process once F of the images are in its part files,
 resumes with --resume-processes and compares the final file with the 1-process one. Prints the CPU, a table and
 one JSON line.
@@ -36,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from caption_model.bulk.shards import parts_folder, read_part  # noqa: E402
 from caption_model.cpu.features import describe_cpu  # noqa: E402
 
-RATE = re.compile(r"([0-9.]+) images/s over ([0-9.]+) s")
+RATE = re.compile(r"([0-9.]+) images/s over ([0-9.]+) s, .*at most ([0-9.]+) s waiting")
 
 
 def make_images(folder: Path, count: int, seed: int) -> None:
@@ -78,7 +79,7 @@ def caption(processes: int, cli_args: list[str]) -> dict:
         sys.exit(f"caption-images failed ({processes} processes, exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = next(line for line in proc.stderr.splitlines() if "captioned," in line)
     return {"processes": processes, "images_per_s": float(found.group(1)), "captioning_s": float(found.group(2)),
-            "wall_s": round(wall, 1), "summary": summary}
+            "waited_s": float(found.group(3)), "wall_s": round(wall, 1), "summary": summary}
 
 
 def killed_and_resumed(processes: int, resume_processes: int, fraction: float, total: int, cli_args: list[str],
@@ -155,10 +156,11 @@ def main() -> None:
 
     print(f"\n{args.images} shapes images, beam {args.beams}, batch {args.batch_size}, {args.threads} torch "
           f"thread(s) per process, precision {args.precision}; {rows} rows in the 1-process file")
-    print(f"{'run':<36} {'images/s':>9} {'captioning s':>13} {'wall s':>8}")
+    print(f"{'run':<36} {'images/s':>9} {'captioning s':>13} {'waited s':>9} {'wall s':>8}")
     for name, result in runs.items():
         label = f"{name} process{'es' if name != '1' else ''}" if name.isdigit() else name
-        print(f"{label:<36} {result['images_per_s']:>9.2f} {result['captioning_s']:>13.1f} {result['wall_s']:>8.1f}")
+        print(f"{label:<36} {result['images_per_s']:>9.2f} {result['captioning_s']:>13.1f} "
+              f"{result['waited_s']:>9.1f} {result['wall_s']:>8.1f}")
         if "killed_after_rows" in result:
             print(f"{'':<36} (killed with {result['killed_after_rows']} rows in part files; {result['summary']})")
     for name, same in identical.items():
