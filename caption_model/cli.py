@@ -30,8 +30,8 @@ import torch
 
 from .bulk import UsageError
 from .bulk.captioning import Captioning, Decoding, ShareResult, caption_share
-from .bulk.files import IMAGE_EXTENSIONS, file_key, find_images  # noqa: F401 (file_key: part of the CLI's API)
-from .bulk.formats import CSV_COLUMNS, FORMATS, Output, open_output  # noqa: F401 (CSV_COLUMNS: the CLI's API)
+from .bulk.files import IMAGE_EXTENSIONS, find_images
+from .bulk.formats import CSV_COLUMNS, FORMATS, Output, open_output  # noqa: F401 (CSV_COLUMNS: the CSV's columns)
 from .bulk.processes import DEVICES, Processes, start_processes
 from .bulk.shards import PartFile, cut_batches, deal, merge_parts, part_path, parts_folder
 from .bulk.strips import LABEL_HEIGHT, STRIP_HEIGHT  # noqa: F401 (the strip layout: the CLI's API)
@@ -191,11 +191,12 @@ def progress(processes: Processes, total: int) -> Iterator[tuple[Callable[[str],
 
 
 def summary(captioned: int, skipped: list[str], already: int, out: Path, seconds: float | None = None,
-            processes: int = 1) -> str:
+            processes: int = 1, waited: float = 0.0) -> str:
+    """The last line(s) of a run; `waited`: the seconds the slowest-fed process waited for its images."""
     line = f"caption-images: {captioned} captioned, {len(skipped)} skipped, {already} already in {out}"
     if seconds:
         line += (f" ({captioned / seconds:.2f} images/s over {seconds:.1f} s, {processes} "
-                 f"process{'es' if processes > 1 else ''})")
+                 f"process{'es' if processes > 1 else ''}, at most {waited:.1f} s waiting for images)")
     if skipped:
         names = ", ".join(skipped[:10]) + (f", ... ({len(skipped) - 10} more)" if len(skipped) > 10 else "")
         line += f"\nskipped (not written; a re-run tries them again): {names}"
@@ -266,7 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     if processes.is_main:
         finish(kept[0], results)
         captioned = sum(share.captioned for share, _ in results)
-        print(summary(captioned, skipped, plan.already, kept[0].output.path, seconds, processes.count),
+        waited = max(share.waited for share, _ in results)
+        print(summary(captioned, skipped, plan.already, kept[0].output.path, seconds, processes.count, waited),
               file=sys.stderr)
     return EXIT_SKIPPED if skipped and processes.count == 1 else EXIT_OK
 

@@ -242,3 +242,26 @@ def test_imagefolder_output_is_what_training_loads(photos, reference, tiny_check
     assert "0 captioned, 1 skipped, 15 already in" in capsys.readouterr().err
     assert run(photos / "a" / "000.png", "--format", "imagefolder", "--out", folder, model=tiny_checkpoint) == EXIT_USAGE
     assert "expected every image inside" in capsys.readouterr().err
+
+
+# --- without accelerate; accelerate's one-process CPU launch ----------------------------------------------------
+def test_without_accelerate_a_plain_run_is_one_process(photos, reference, tiny_checkpoint, tmp_path, monkeypatch):
+    """The inference install has no accelerate: caption-images runs as one process, as before."""
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate now raises ImportError
+    out = tmp_path / "captions.jsonl"
+    assert run(photos, "--out", out, model=tiny_checkpoint) == EXIT_SKIPPED
+    assert out.read_text() == reference
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run(photos, "--out", tmp_path / "other.jsonl", model=tiny_checkpoint) == EXIT_USAGE
+
+
+def test_an_accelerate_cpu_launch_of_one_process_says_how_to_start_several(monkeypatch, capsys):
+    from caption_model.bulk.processes import start_processes
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu --num_processes 2` sets
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    processes = start_processes("auto")
+    assert (processes.count, processes.device.type) == (1, "cpu")
+    assert "--multi_gpu --num_processes N" in capsys.readouterr().err

@@ -261,6 +261,20 @@ def test_fast_mode_runs_the_encoder_as_one_fused_graph_with_the_eager_grid(tiny_
     assert not torch.jit.onednn_fusion_enabled()  # the global switch is only on while the graph runs
 
 
+def test_the_fused_encoder_gives_the_same_grid_on_the_first_call_of_a_batch_size_as_on_later_ones(
+        tiny_trained_captioner, images):
+    """TorchScript runs a new input shape unoptimised on its first calls: FusedEncoder warms each shape on zeros,
+    so features (and int8 captions) do not depend on how many batches of that size came before (caption-images
+    on several processes writes the file one process writes)."""
+    fast = copy.deepcopy(tiny_trained_captioner).quantize_int8()
+    pixels = tiny_trained_captioner.preprocess(images[:5])
+    with torch.inference_mode():
+        first = fast.encoder(pixels)  # batch size 5: never seen by the graph
+        for _ in range(3):
+            assert torch.equal(fast.encoder(pixels), first)
+    assert (5, 3, 64, 64) in fast.encoder.warmed
+
+
 def test_concurrent_encoders_leave_the_fusion_switch_as_it_was(tiny_trained_captioner, images):
     """oneDNN fusion is a process-global TorchScript switch: two fast models encoding at once from 4 threads must
     not leave it on (or turn it off for the other while it runs)."""

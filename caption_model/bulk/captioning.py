@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -45,6 +46,7 @@ class Captioning:
 class ShareResult:
     captioned: int  # rows written
     skipped: list[str]  # files named through `report` and left out
+    waited: float = 0.0  # seconds the model waited for the loader threads' next batch
 
 
 def mixed_precision(run: Captioning) -> contextlib.AbstractContextManager:
@@ -123,7 +125,13 @@ def caption_share(run: Captioning, batches: Sequence[list[str]], part: PartFile,
     decode_side = max(config.image_size, STRIP_HEIGHT if run.heatmaps else 0)  # decode no larger than needed
     load = partial(load_for_captioning, config=config, decode_side=decode_side, keep_image=bool(run.heatmaps))
     result = ShareResult(0, [])
-    for batch in load_ahead(batches, load, loader_threads):
+    loaded = load_ahead(batches, load, loader_threads)
+    while True:
+        started = time.perf_counter()
+        batch = next(loaded, None)
+        result.waited += time.perf_counter() - started
+        if batch is None:
+            break
         rows, skipped = caption_batch(run, batch, report)
         part.write(rows)
         result.captioned += len(rows)
