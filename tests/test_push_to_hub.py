@@ -613,12 +613,18 @@ def test_card_says_how_the_heatmaps_are_read():
     assert "explains the chosen word" not in raw and "is the word's heatmap." in raw
     moved = str(card.render_model_card({**TINY_CONFIG, "heatmap_offsets": {"red": [0.5, -1.0], "circle": [0, 1]}}))
     assert "**Map offsets**: after training, each of 2 frequent words" in moved and "Map offsets" not in word
-    # what a Flickr8k model's card claims about its plain maps: measured on shapes only, not on photos
-    claim = "Each word's heatmap is its own map (no phrase reading, no offset correction)"
+    # what a Flickr8k model's card claims about its maps: how they are read, measured on shapes only, not on photos
     flickr = {"source": "jxie/flickr8k"}
-    assert claim in str(card.render_model_card(TINY_CONFIG, training=flickr)) and "not on photos" in word
-    assert claim not in str(card.render_model_card({**TINY_CONFIG, "heatmap_reading": "phrase"}, training=flickr))
-    assert claim not in str(card.render_model_card(TINY_CONFIG, training={"source": "shapes"}))
+    plain = str(card.render_model_card(TINY_CONFIG, training=flickr))
+    assert "Each word's heatmap is its own map (no phrase reading, no offset correction)." in plain
+    read_as_phrase = str(card.render_model_card({**TINY_CONFIG, "heatmap_reading": "phrase"}, training=flickr))
+    assert ("read with its neighbours' maps (the phrase reading; no offset correction), which pointed at the named "
+            "object more often than each word's own map on synthetic shapes over photo-like backgrounds"
+            ) in read_as_phrase
+    assert all("measured on synthetic shapes only (plain and photo-like backgrounds), not on photos" in text
+               for text in (plain, read_as_phrase, word))
+    shapes = str(card.render_model_card(TINY_CONFIG, training={"source": "shapes"}))
+    assert "not on photos" not in shapes and "Each word's heatmap is" not in shapes
 
 
 # --------------------------------------------------------------------------------------------------------------

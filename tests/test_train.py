@@ -221,6 +221,8 @@ def test_flickr8k_presets_train_on_all_captions_and_stop_early_on_validation_cid
     for preset in ("flickr8k", "flickr8k-small"):
         cfg, _ = train.parse_args(["--preset", preset])
         assert cfg.all_captions and (cfg.epochs, cfg.batch_size, cfg.early_stopping_patience) == (15, 32, 3)
+        # served maps: the phrase reading (benchmarks/photo_grounding.py), no per-word offsets
+        assert (cfg.heatmap_reading, cfg.heatmap_offset_images) == ("phrase", 0)
         assert train.main(["--preset", preset, "--print-config"]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["config"]["all_captions"] is True and printed["config"]["early_stopping_patience"] == 3

@@ -402,13 +402,23 @@ def _limits(data: TrainingData, grid: int, config: dict) -> list[str]:
         "", "## Limits", "", trained_on,
         "- The heatmap is the model's soft attention, an explanation of what the decoder attended to, not a "
         f"segmentation; it has the resolution of the {grid}x{grid} encoder grid.",
-        *(["- Each word's heatmap is its own map (no phrase reading, no offset correction). Whether a map peaks on "
-           "what its word names was measured on synthetic shapes only (plain and photo-like backgrounds), not on "
-           "photos."] if data.kind != "shapes" and config.get("heatmap_reading", "word") == "word"
-          and not config.get("heatmap_offsets") else []),
+        *([_heatmap_claim(config)] if data.kind != "shapes" else []),
         "- Images are resized to a square without cropping, so very wide or tall images are distorted.",
         "- Weights are in safetensors and the config is JSON; loading never runs remote code.",
     ]
+
+
+def _heatmap_claim(config: dict) -> str:
+    """What the maps of a model trained on real images are, and what was measured about them (on shapes only)."""
+    offsets = "moved back by measured per-word offsets" if config.get("heatmap_offsets") else "no offset correction"
+    if config.get("heatmap_reading", "word") == "phrase":
+        read = (f"Each word's heatmap is read with its neighbours' maps (the phrase reading; {offsets}), which "
+                "pointed at the named object more often than each word's own map on synthetic shapes over "
+                "photo-like backgrounds.")
+    else:
+        read = f"Each word's heatmap is its own map (no phrase reading, {offsets})."
+    return (f"- {read} Whether a map peaks on what its word names was measured on synthetic shapes only (plain and "
+            "photo-like backgrounds), not on photos.")
 
 
 def _training_details(training: dict) -> list[str]:

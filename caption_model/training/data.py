@@ -112,10 +112,19 @@ def _check_record(image: dict, captions: list, max_words: int | None, validate: 
             "_empty": len(cleaned) - len(kept), "_readable": _image_readable(image) if validate else True}
 
 
+def _empty_split(features: Features) -> Dataset:
+    """A dataset of no rows with `features`, built from an empty Arrow table: `add_column` on an empty selection
+    fails in datasets (it concatenates zero-row tables), and naming the fingerprint spares hashing the table."""
+    table = pa.Table.from_pylist([], schema=features.arrow_schema)
+    made_by = json.dumps(["empty", features.to_dict()], sort_keys=True, default=str)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=features.copy()),
+                   fingerprint=hashlib.sha256(made_by.encode()).hexdigest()[:16])
+
+
 def _clean_split(ds: Dataset, max_words: int | None, report: LoadReport, validate_images: bool) -> Dataset:
     """Clean captions, drop unreadable images and empty captions (counted in `report`), decode images as PIL."""
     if len(ds) == 0:  # a split too small to hold an image (a seeded split of 2 images)
-        return ds.add_column("references", [], feature=List(Value("string"))).cast_column("image", Image())
+        return _empty_split(Features({**ds.features, "image": Image(), "references": List(Value("string"))}))
     ds = ds.cast_column("image", Image(decode=False))
     checks = ds.map(_check_record, input_columns=["image", "captions"], remove_columns=ds.column_names,
                     fn_kwargs={"max_words": max_words, "validate": validate_images}, num_proc=1,

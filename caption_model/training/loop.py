@@ -335,7 +335,8 @@ def end_epoch(run: Run, epoch: int) -> None:
     due = (epoch_done and (epoch + 1) % cfg.eval_every_epochs == 0) or state["step"] >= run.total_steps
     if run.accelerator.is_main_process and due:
         validate(run, epoch)
-    if due and cfg.early_stopping_patience > 0 and _patience_spent(run):
+    last_step = state["step"] >= run.total_steps  # the run ends here anyway: not an early stop
+    if due and cfg.early_stopping_patience > 0 and not last_step and _patience_spent(run):
         state["stopped_early"] = True
         if run.accelerator.is_main_process:
             logger.info("early stopping after epoch %d: %d validations without a better %s than %.4f (epoch %d)",
