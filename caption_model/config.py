@@ -60,7 +60,8 @@ class CaptionerConfig:
     grounding_loss: str = "pooled"
     # How a word's map is read (heatmap.phrase_maps): "word": its own map; "phrase": its own map times its
     # neighbours' maps, each counted by how peaked it is ("a [red] circle": "circle" decides which red object "red"
-    # names). Measured on shapes (benchmarks/README.md "Grounding"), not yet on photos: the Flickr presets keep "word".
+    # names). Measured on shapes, plain and over photo-like backgrounds (benchmarks/README.md), not yet on photos; the
+    # shapes and Flickr presets train with "phrase".
     heatmap_reading: str = "word"
     # Per-word map offsets {word: [dx, dy]} in cells (x right, y down), measured after training without boxes
     # (training/heatmap_offsets.py: where a word's map peaks on an image vs on its mirror image); each served map is
