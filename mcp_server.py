@@ -30,10 +30,9 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 import serving
-from caption_model.bulk.strips import heatmap_strip
 from caption_model.generation import (DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY, Caption,
                                      longest_caption)
-from caption_model.heatmap import cell_centres, overlay
+from caption_model.heatmap import cell_centres, heatmap_strip, overlay
 from caption_model.processing import original_size
 
 MAX_BEAMS = 5  # as the UI's slider

@@ -9,11 +9,16 @@ right of the cell's slice start, not the middle of its 1/g slice.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .config import CaptionerConfig
 from .processing import ImageInput, load_image
+
+if TYPE_CHECKING:
+    from .generation import Caption  # generation imports this module
 
 DEFAULT_INPUT_SIZE = CaptionerConfig.__dataclass_fields__["image_size"].default  # S when a caller does not say
 CUBIC_A = -0.5  # Keys' cubic convolution parameter (PIL's and OpenCV's bicubic)
@@ -174,3 +179,33 @@ def overlay(image: ImageInput, attention_map: np.ndarray, alpha: float = 0.5, co
     weight = alpha * heat[..., None]  # (H, W, 1)
     blended = (1.0 - weight) * (np.asarray(base, dtype=np.float32) / 255.0) + weight * colours
     return Image.fromarray(np.round(blended * 255.0).astype(np.uint8), "RGB")
+
+
+STRIP_HEIGHT = 192  # px of each tile in a heatmap strip
+LABEL_HEIGHT = 24  # px of the word under each tile
+
+
+def heatmap_strip(image: Image.Image, caption: "Caption", height: int = STRIP_HEIGHT,
+                  input_size: int = DEFAULT_INPUT_SIZE) -> Image.Image:
+    """The image, then one overlay per word (caption_model.heatmap.overlay; `input_size` the model's input side),
+    each tile labelled -> one RGB image."""
+
+    width = max(1, round(image.width * height / image.height))
+    small = image.resize((width, height), Image.Resampling.BICUBIC)
+    tiles = [(small, "(image)")]
+    tiles += [(overlay(small, caption.attention[i], input_size=input_size), word)
+              for i, word in enumerate(caption.words)]
+    strip = Image.new("RGB", (width * len(tiles), height + LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    font = _font()
+    for index, (tile, label) in enumerate(tiles):
+        strip.paste(tile, (index * width, 0))
+        draw.text((index * width + width / 2, height + LABEL_HEIGHT / 2), label, fill="black", font=font, anchor="mm")
+    return strip
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=16)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()

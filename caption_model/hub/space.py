@@ -25,7 +25,8 @@ APP_FILE = "app.py"  # the UI, and the Space entry point
 SERVING_FILES = ("serving.py", "mcp_server.py")  # beside app.py when the project has them
 PACKAGE = "caption_model"
 CACHES = ("__pycache__", "*.pyc", "*.pyo")
-NOT_SHIPPED = ("training",)  # subpackages of caption_model that never run in the Space
+NOT_SHIPPED = ("training", "bulk", "cli.py")  # parts of caption_model that never run in the Space (training,
+# batch captioning: they import datasets, accelerate, pyarrow, which the Space does not install)
 SPACE_PYTHON = "3.11"  # the Space's Python: the version the lock is resolved and tested for
 SDK_PACKAGE = "gradio"  # installed by the Space from the card's sdk_version
 # training/evaluation only: never installed in the Space, even if a requirements.txt lists them
