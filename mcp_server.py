@@ -182,7 +182,7 @@ def heatmap_png(service: serving.CaptionService, picture: Image.Image, result: C
     small = picture.copy()
     small.thumbnail((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BICUBIC)
     if shown is None:
-        drawn = heatmap_strip(small, result, input_size=service.captioner.config.image_size)
+        drawn = heatmap_strip(small, result.words, result.attention, input_size=service.captioner.config.image_size)
     else:
         word_map = serving.word_maps(result, tuple(service.captioner.grid_size))[shown]
         drawn = overlay(small, word_map, alpha=0.5, input_size=service.captioner.config.image_size)

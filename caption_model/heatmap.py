@@ -9,16 +9,13 @@ right of the cell's slice start, not the middle of its 1/g slice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import CaptionerConfig
 from .processing import ImageInput, load_image
-
-if TYPE_CHECKING:
-    from .generation import Caption  # generation imports this module
 
 DEFAULT_INPUT_SIZE = CaptionerConfig.__dataclass_fields__["image_size"].default  # S when a caller does not say
 CUBIC_A = -0.5  # Keys' cubic convolution parameter (PIL's and OpenCV's bicubic)
@@ -185,16 +182,15 @@ STRIP_HEIGHT = 192  # px of each tile in a heatmap strip
 LABEL_HEIGHT = 24  # px of the word under each tile
 
 
-def heatmap_strip(image: Image.Image, caption: "Caption", height: int = STRIP_HEIGHT,
+def heatmap_strip(image: Image.Image, words: Sequence[str], attention: np.ndarray, height: int = STRIP_HEIGHT,
                   input_size: int = DEFAULT_INPUT_SIZE) -> Image.Image:
-    """The image, then one overlay per word (caption_model.heatmap.overlay; `input_size` the model's input side),
-    each tile labelled -> one RGB image."""
+    """The image, then one overlay per word (`attention` (N, gh, gw), one map per word of `words`, as a Caption
+    holds them; `input_size` the model's input side), each tile labelled with its word -> one RGB image."""
 
     width = max(1, round(image.width * height / image.height))
     small = image.resize((width, height), Image.Resampling.BICUBIC)
     tiles = [(small, "(image)")]
-    tiles += [(overlay(small, caption.attention[i], input_size=input_size), word)
-              for i, word in enumerate(caption.words)]
+    tiles += [(overlay(small, attention[i], input_size=input_size), word) for i, word in enumerate(words)]
     strip = Image.new("RGB", (width * len(tiles), height + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(strip)
     font = _font()

@@ -112,7 +112,7 @@ def caption_batch(run: Captioning, batch: list[LoadedImage], report: Callable[[s
         strip = None
         if run.heatmaps:
             strip = os.path.join(run.heatmaps, heatmap_name(loaded.file))
-            heatmap_strip(loaded.image, result, input_size=config.image_size).save(strip)
+            heatmap_strip(loaded.image, result.words, result.attention, input_size=config.image_size).save(strip)
         rows.append(make_row(loaded, result, config.grid_size, run.model, strip, config.image_size))
     return rows, skipped
 
