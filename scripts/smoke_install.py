@@ -4,16 +4,19 @@
 
 Loads CHECKPOINT (and the checkpoint in tests/fixtures written by an earlier version), captions a generated image
 greedily and with beam search, runs `caption-images` on a folder (one file in it is not an image), starts app.py on
-the checkpoint, reads /health and captions one image through gradio_client's /caption, then stops the app with
-SIGTERM. Exits non-zero on the first failure, saying what failed; prints the versions it ran on.
+the checkpoint, reads /health, captions one image through gradio_client's /caption and one through the MCP tool
+(the official mcp client), then stops the app with SIGTERM. Exits non-zero on the first failure, saying what failed; prints the versions it ran on.
 .ci/run runs it in a virtualenv holding the newest versions pyproject.toml allows and in one with the oldest
-(scripts/drift_check.sh); offline, a couple of minutes on 2 cores.
+(scripts/drift_check.py); offline, a couple of minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -107,16 +110,47 @@ def check_app(checkpoint: str, image, work: Path) -> None:
         text, data = Client(url + "/", verbose=False).predict(handle_file(str(image_path)), api_name="/caption")
         assert text and data["words"] and len(data["attention"]) == len(data["words"]), (text, data.keys())
         print(f"  /caption: {text!r}", flush=True)
+        answer = asyncio.run(mcp_caption(url + "/gradio_api/mcp/", image))
+        assert answer["caption"] and len(answer["peaks"]) == len(answer["words"]), answer
+        print(f"  MCP caption tool: {answer['caption']!r}", flush=True)
     finally:
-        started = time.monotonic()
-        app.send_signal(signal.SIGTERM)
-        try:
-            app.wait(timeout=30)
-            print(f"  SIGTERM: the app exited in {time.monotonic() - started:.1f} s", flush=True)
-        except subprocess.TimeoutExpired:
-            app.kill()
-            raise AssertionError("the app did not exit within 30 s of SIGTERM")
         log.close()
+        if app.poll() is None:  # (an app that died on its own was reported by wait_for_health)
+            stop(app)
+
+
+async def mcp_caption(url: str, image) -> dict:
+    """List the MCP server's tools and call `caption` on `image` (a data URL): its structured result."""
+    from mcp import ClientSession
+    from mcp.client import streamable_http
+
+    # streamable_http_client is new in mcp 1.24; the older name stays (deprecated) through 1.x
+    connect = getattr(streamable_http, "streamable_http_client", None) or streamable_http.streamablehttp_client
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    async with connect(url) as (read, write, _):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = [tool.name for tool in (await session.list_tools()).tools]
+            assert tools == ["caption"], tools
+            result = await session.call_tool("caption", {"image": data_url, "decoding": "greedy"})
+    assert not result.isError, result.content
+    assert json.loads(result.content[0].text) == result.structuredContent
+    assert any(item.type == "image" for item in result.content), [item.type for item in result.content]
+    return result.structuredContent
+
+
+def stop(app: subprocess.Popen) -> None:
+    """SIGTERM, then the app must exit within 30 s (a Space restart, a Ctrl-C)."""
+    started = time.monotonic()
+    app.send_signal(signal.SIGTERM)
+    try:
+        app.wait(timeout=30)
+        print(f"  SIGTERM: the app exited in {time.monotonic() - started:.1f} s", flush=True)
+    except subprocess.TimeoutExpired:
+        app.kill()
+        raise AssertionError("the app did not exit within 30 s of SIGTERM")
 
 
 def wait_for_health(url: str, app: subprocess.Popen, log_path: Path) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from app_helpers import ROOT, build_app, free_port, png_bytes, serve
 from mcp import ClientSession
-from mcp.client.streamable_http import streamablehttp_client
+from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
 
 import mcp_server
@@ -52,7 +52,7 @@ def data_url(picture: Image.Image) -> str:
 
 async def list_and_call(url: str, arguments: dict | None) -> tuple[list, object]:
     """List the server's tools and, with `arguments`, call its caption tool."""
-    async with streamablehttp_client(url + "/gradio_api/mcp/") as (read, write, _):
+    async with streamable_http_client(url + "/gradio_api/mcp/") as (read, write, _):
         async with ClientSession(read, write) as session:
             await session.initialize()
             tools = (await session.list_tools()).tools
