@@ -226,6 +226,14 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from error
     processes = start_processes(args.device)
+    try:
+        return _caption(args, processes)
+    finally:
+        processes.close()
+
+
+def _caption(args: argparse.Namespace, processes: Processes) -> int:
+    """Plan (process 0), caption this process's share, merge (process 0)."""
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(processes.device.type, 8)
     kept: list[Listing] = []  # process 0's listing and output, for the final merge
     plan = processes.share(lambda: make_plan(args, kept.append))
