@@ -28,11 +28,13 @@ def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset[str]:
     return frozenset()
 
 
-def usable_flags(flags: frozenset[str] | None = None, environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+def usable_flags(flags: frozenset[str] | None = None, environ: Mapping[str, str] | None = None) -> frozenset[str]:
     """The flags torch's kernels may use: `flags` (default: this CPU's) less AVX-512 and AMX where the process caps
     torch at AVX2 (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 or ATEN_CPU_CAPABILITY=avx2/default), so an AVX2-only CPU can
-    be emulated on an AVX-512 one and the fast mode chooses as it would there."""
+    be emulated on an AVX-512 one and the fast mode chooses as it would there. `environ` defaults to os.environ as
+    it is at the call (looked up then: datasets' multi-process map rebinds os.environ to a copy)."""
     flags = cpu_flags() if flags is None else flags
+    environ = os.environ if environ is None else environ
     capped = (environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() == "AVX2"
               or environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"))
     if not capped:
