@@ -218,18 +218,25 @@ def _pad_only_row(V: int, pad_token_id: int, device) -> torch.Tensor:
     return row
 
 
+JOINING_PIECES = ("'", "-")  # BERT's tokenizers split "dog's" into dog ' s and "t-shirt" into t - shirt
+
+
 def merge_wordpieces(pieces: list[str], maps: np.ndarray) -> tuple[list[str], np.ndarray]:
     """WordPiece pieces (n,) with maps (n, gh, gw) -> whole words with the mean map of their pieces,
-    renormalised to sum to 1. '##ing' continues the previous word."""
+    renormalised to sum to 1. '##ing' continues the previous word; an apostrophe or hyphen piece joins the words
+    on either side of it ("dog ' s" -> "dog's", "t - shirt" -> "t-shirt"), as training targets write them."""
     words: list[str] = []
     groups: list[list[int]] = []
+    joins_next = False
     for index, piece in enumerate(pieces):
-        if piece.startswith("##") and words:
-            words[-1] += piece[2:]
+        joining = piece in JOINING_PIECES
+        if words and (piece.startswith("##") or joining or joins_next):
+            words[-1] += piece[2:] if piece.startswith("##") else piece
             groups[-1].append(index)
         else:
             words.append(piece)
             groups.append([index])
+        joins_next = joining
     if not groups:
         return [], np.zeros((0,) + maps.shape[1:], dtype=np.float32)
     merged = np.stack([maps[g].mean(axis=0) for g in groups]).astype(np.float32)  # (words, gh, gw)

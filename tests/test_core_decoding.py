@@ -376,6 +376,16 @@ def test_merge_wordpieces_merges_pieces_and_renormalises_their_maps():
     assert words == [] and merged.shape == (0, 2, 3)
 
 
+def test_apostrophe_and_hyphen_pieces_join_their_neighbours():
+    """BERT's tokenizers split "dog's" and "t-shirt" into three pieces; the caption shows the word as trained."""
+    maps = np.random.default_rng(1).random((9, 2, 2))
+    words, merged = merge_wordpieces(["a", "dog", "'", "s", "t", "-", "sh", "##irt", "runs"], maps)
+    assert words == ["a", "dog's", "t-shirt", "runs"]
+    expected = maps[4:8].mean(axis=0)
+    np.testing.assert_allclose(merged[2], expected / expected.sum(), rtol=1e-6)
+    assert merge_wordpieces(["'", "s", "x", "-"], np.ones((4, 2, 2)))[0] == ["'s", "x-"]  # at either end: kept
+
+
 def test_special_tokens_are_never_generated(shapes_image):
     """Even a model that prefers [UNK]/[MASK]/[PAD]/[CLS] above all else never puts them in a caption."""
     model = build_tiny_captioner(seed=3)

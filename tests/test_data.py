@@ -312,7 +312,10 @@ def test_seeded_split_sizes_and_determinism():
 
 
 def test_clean_caption():
-    assert clean_caption("A  Dog's  T-shirt,  running!\n") == "a dogs t shirt running"
+    assert clean_caption("A  Dog's  T-shirt,  running!\n") == "a dog's t-shirt running"  # in-word marks stay
+    assert clean_caption("Two dogs' toys - a black-and-white ball") == "two dogs toys a black-and-white ball"
+    assert clean_caption("It isn\u2019t `quoted' -- really") == "it isn't quoted really"
+    assert clean_caption("snake_case") == "snake case"
     assert clean_caption(" . ") == ""
     assert clean_caption(None) == ""
     assert clean_caption("one two three four", max_words=2) == "one two"

@@ -4,11 +4,12 @@ Every source (`sources.load_source`, or "shapes") ends as a `datasets.DatasetDic
 train/validation/test and one schema:
 
     image       datasets.Image()   (bytes or a local path; decodes to PIL)
-    captions    list[str]          training targets: cleaned (lowercase, no punctuation, at most `max_words`
-                                   words), never empty
+    captions    list[str]          training targets: cleaned (lowercase, no punctuation but in-word apostrophes
+                                   and hyphens, at most `max_words` words), never empty
     references  list[str]          the same captions as the source wrote them (those that clean to something):
                                    what validation and test are scored against, because the COCO-caption protocol
-                                   tokenises raw references itself ("dog's" is "dog 's" there, not "dogs")
+                                   tokenises raw references itself ("A dog's T-shirt ." is "a dog 's t-shirt"
+                                   there; cleaning keeps "dog's" and "t-shirt" so that targets read the same)
     image_id    str                an id column, else the image's file name (path inside an imagefolder),
                                    "shapes-<split>-<n>" for shapes
     objects     list[{colour, shape, box}]   shapes only (ground truth for object F1 / pointing accuracy)
@@ -52,14 +53,23 @@ MAX_CAPTION_WORDS = 30
 # --------------------------------------------------------------------------------------------------- cleaning
 
 
+IN_WORD_MARKS = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")  # a word: letters/digits, joined by ' or - inside
+
+
 def clean_caption(text: str | None, max_words: int | None = MAX_CAPTION_WORDS) -> str:
-    """Lowercase, drop apostrophes, turn other punctuation into spaces, collapse whitespace, keep `max_words`."""
+    """Lowercase; keep an apostrophe or hyphen between two letters or digits ("dog's", "t-shirt", "isn't": one
+    word each); every other punctuation mark becomes a space; collapse whitespace; keep `max_words` words.
+
+    The in-word marks stay because the COCO-caption scorer reads raw references with the PTB tokenizer, which keeps
+    "t-shirt" whole and splits "dog's" into "dog 's": a target cleaned to "dogs" or "t shirt" would teach the model
+    words that never match a reference. Other marks (a trailing "dogs'", a dash between words) are dropped there too.
+    """
     if text is None:
         return ""
     if not isinstance(text, str):
         raise ValueError(f"expected a caption string, got {type(text).__name__}: {text!r}")
-    text = re.sub(r"['\u2019`]", "", text.lower())  # "dog's" -> "dogs"
-    words = re.sub(r"[\W_]+", " ", text).split()  # "t-shirt," -> "t shirt"
+    text = re.sub(r"[\u2019\u2018`\u00b4]", "'", text.lower())  # typographic apostrophes -> '
+    words = IN_WORD_MARKS.findall(text)  # "a dog's t-shirt, - running!" -> [a, dog's, t-shirt, running]
     return " ".join(words[:max_words] if max_words else words)
 
 
