@@ -96,7 +96,8 @@ def build_mcp_server(service: serving.CaptionService) -> FastMCP:
         decoding: Annotated[Literal["beam", "greedy"], Field(description="beam search (better) or greedy "
                                                                          "(faster)")] = "beam",
         num_beams: Annotated[int, Field(ge=1, le=MAX_BEAMS, description="beams for beam search")] = 3,
-        max_length: Annotated[int, Field(ge=1, le=longest, description="longest caption, in tokens")] = min(30, longest),
+        max_length: Annotated[int, Field(ge=1, le=longest,
+                                         description="longest caption, in tokens")] = min(30, longest),
         length_penalty: Annotated[float, Field(ge=0.0, le=2.0, description="beam search: above 1 favours longer "
                                                                            "captions")] = 1.0,
         no_repeat_ngram_size: Annotated[int, Field(ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE, description=(

@@ -131,9 +131,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_captioner(model: str, precision: str = "auto", device: str = "cpu",
                    revision: str | None = None) -> ImageCaptioner:
     """Load `model` (a checkpoint folder, or a Hub repo id at `revision`: a branch, tag or commit; default main) in
-    eval mode on `device` ("auto": a GPU if there is one). On the CPU in the fast mode chosen for this CPU (precision "auto" or "int8"; or forced: "int8-vnni",
-    "int8-avx2"; "fp32": the weights as trained); on a GPU in half precision (CaptionService captions under
-    autocast; the int8 modes are CPU-only). ModelLoadError says why not."""
+    eval mode on `device` ("auto": a GPU if there is one). On the CPU in the fast mode chosen for this CPU
+    (precision "auto" or "int8"; or forced: "int8-vnni", "int8-avx2"; "fp32": the weights as trained); on a GPU in
+    half precision (CaptionService captions under autocast; the int8 modes are CPU-only). ModelLoadError says why
+    not."""
     if precision not in PRECISIONS:
         raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     target = resolve_device(device)

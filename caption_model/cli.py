@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY,
                         help="multiply the log-probability of tokens already in the caption by this; 1.0 = off "
                         f"(default {DEFAULT_REPETITION_PENALTY})")
-    parser.add_argument("--precision", choices=("int8",) + REQUESTS, default=os.environ.get("CAPTION_PRECISION", "auto"),
-                        help="auto (or int8): on a CPU the fast mode the app serves, chosen for this CPU, on a GPU bf16 "
-                        "autocast; int8-vnni / int8-avx2 force a CPU mode; fp32: the weights as trained (default "
+    parser.add_argument("--precision", choices=("int8",) + REQUESTS,
+                        default=os.environ.get("CAPTION_PRECISION", "auto"),
+                        help="auto (or int8): on a CPU the fast mode the app serves, chosen for this CPU, on a GPU "
+                        "bf16 autocast; int8-vnni / int8-avx2 force a CPU mode; fp32: the weights as trained (default "
                         "$CAPTION_PRECISION, else auto)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: each process's GPU when there are GPUs, else the CPU (default auto)")

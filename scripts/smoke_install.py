@@ -4,10 +4,10 @@
 
 Loads CHECKPOINT (and the checkpoint in tests/fixtures written by an earlier version), captions a generated image
 greedily and with beam search, runs `caption-images` on a folder (one file in it is not an image), starts app.py on
-the checkpoint, reads /health, captions one image through gradio_client's /caption and one through the MCP tool
-(the official mcp client), then stops the app with SIGTERM. Exits non-zero on the first failure, saying what failed; prints the versions it ran on.
-.ci/run runs it in a virtualenv holding the newest versions pyproject.toml allows and in one with the oldest
-(scripts/drift_check.py); offline, a couple of minutes on 2 cores.
+the checkpoint, reads /health, captions one image through gradio_client's /caption and one through the MCP tool (the
+official mcp client), then stops the app with SIGTERM. Exits non-zero on the first failure, saying what failed;
+prints the versions it ran on. .ci/run runs it in a virtualenv holding the newest versions pyproject.toml allows and
+in one with the oldest (scripts/drift_check.py); offline, a couple of minutes on 2 cores.
 """
 
 from __future__ import annotations

@@ -240,7 +240,8 @@ def test_imagefolder_output_is_what_training_loads(photos, reference, tiny_check
     capsys.readouterr()  # the same folder again, named by its metadata.jsonl: nothing to do
     assert run(folder, "--out", folder / "metadata.jsonl", model=tiny_checkpoint) == EXIT_SKIPPED
     assert "0 captioned, 1 skipped, 15 already in" in capsys.readouterr().err
-    assert run(photos / "a" / "000.png", "--format", "imagefolder", "--out", folder, model=tiny_checkpoint) == EXIT_USAGE
+    assert run(photos / "a" / "000.png", "--format", "imagefolder", "--out", folder,
+               model=tiny_checkpoint) == EXIT_USAGE
     assert "expected every image inside" in capsys.readouterr().err
 
 

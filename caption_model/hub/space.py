@@ -70,7 +70,8 @@ def _space_card(repo_id: str, space_id: str, license: str, sdk_version: str, pre
 
     data = SpaceCardData(
         title="Image captions with word heatmaps", sdk="gradio", sdk_version=sdk_version,
-        python_version=SPACE_PYTHON, app_file=APP_FILE, preload_from_hub=[preload] if preload else None, license=license, models=[repo_id], emoji="🔎", colorFrom="blue", colorTo="yellow",
+        python_version=SPACE_PYTHON, app_file=APP_FILE, preload_from_hub=[preload] if preload else None,
+        license=license, models=[repo_id], emoji="🔎", colorFrom="blue", colorTo="yellow",
         pinned=False, short_description="Captions an image and shows where each word looked",
     )
     body = (f"# Image captions with word heatmaps\n\nUpload an image: the model [{repo_id}]"
